@@ -3,13 +3,39 @@
 Layers, lowest first: defaults < TOML file < environment (BROKER_*) < flags.
 Every value is validated into these dataclasses; a bad one raises
 ``ConfigError`` naming the dotted key (the CLI prints it and exits 2).
+``load_config`` builds a ``Config`` from those layers; docs/configuration.md
+lists every key.
 """
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+from urllib.parse import urlsplit
 
-__all__ = ["Config", "Limits", "Namespace", "JwtSettings", "default_namespaces"]
+from broker.errors import ConfigError
+
+__all__ = [
+    "Config",
+    "Limits",
+    "Namespace",
+    "JwtSettings",
+    "default_namespaces",
+    "load_config",
+    "ENV_VARS",
+    "SUBSCRIBE_POLICIES",
+    "LOG_LEVELS",
+]
+
+SUBSCRIBE_POLICIES = ("public", "authenticated", "owner")
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+JWT_ALGORITHMS = ("HS256", "HS384", "HS512", "RS256", "RS384", "RS512",
+                  "ES256", "ES384", "ES512", "PS256", "PS384", "PS512")
+REDIS_SCHEMES = ("redis", "rediss", "unix")
+_NAMESPACE_NAME = re.compile(r"[A-Za-z0-9_-]+\Z")
 
 
 @dataclass
@@ -48,6 +74,7 @@ class JwtSettings:
     require_exp: bool = True
     algorithms: tuple[str, ...] = ("HS256",)
     public_key: str | None = None            # PEM, enables RS256 when set
+    leeway: float = 0.0                      # seconds of clock skew tolerated on exp/nbf
 
 
 @dataclass
@@ -67,3 +94,269 @@ class Config:
     limits: Limits = field(default_factory=Limits)
     jwt: JwtSettings = field(default_factory=JwtSettings)
     namespaces: dict[str, Namespace] = field(default_factory=default_namespaces)
+
+    def namespace_for(self, channel: str) -> Namespace | None:
+        """The namespace of ``channel`` (the part before its first ``:``), or
+        None when the channel has no ``:`` or its namespace is not configured."""
+        name, sep, _ = channel.partition(":")
+        if not sep:
+            return None
+        return self.namespaces.get(name)
+
+
+# --------------------------------------------------------------------------
+# Value parsers. Each takes (key, value, text) where ``text`` is True when the
+# value came from the environment or a flag (a string to be parsed) and False
+# when it came from TOML (already typed: no "8765" for an integer there).
+
+def _describe(value: object) -> str:
+    return f"{value!r} ({type(value).__name__})"
+
+
+def _int(minimum: int | None = None, maximum: int | None = None) -> Callable[[str, Any, bool], int]:
+    def parse(key: str, value: Any, text: bool) -> int:
+        if text and isinstance(value, str):
+            try:
+                value = int(value.strip(), 10)
+            except ValueError:
+                raise ConfigError(key, f"must be an integer, got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(key, f"must be an integer, got {_describe(value)}")
+        if minimum is not None and value < minimum or maximum is not None and value > maximum:
+            if maximum is None:
+                raise ConfigError(key, f"must be >= {minimum}, got {value}")
+            raise ConfigError(key, f"must be in {minimum}..{maximum}, got {value}")
+        return value
+    return parse
+
+
+def _float(minimum: float = 0.0, strict: bool = False) -> Callable[[str, Any, bool], float]:
+    """A number of seconds; ``strict`` means it must be > minimum."""
+    def parse(key: str, value: Any, text: bool) -> float:
+        if text and isinstance(value, str):
+            try:
+                value = float(value.strip())
+            except ValueError:
+                raise ConfigError(key, f"must be a number, got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(key, f"must be a number, got {_describe(value)}")
+        value = float(value)
+        if value != value or value in (float("inf"), float("-inf")):
+            raise ConfigError(key, f"must be a finite number, got {value}")
+        if value < minimum or strict and value == minimum:
+            raise ConfigError(key, f"must be {'>' if strict else '>='} {minimum:g}, got {value:g}")
+        return value
+    return parse
+
+
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+
+
+def _bool(key: str, value: Any, text: bool) -> bool:
+    if text and isinstance(value, str):
+        word = value.strip().lower()
+        if word in _TRUE:
+            return True
+        if word in _FALSE:
+            return False
+        raise ConfigError(key, f"must be a boolean (1/0/true/false/yes/no), got {value!r}")
+    if not isinstance(value, bool):
+        raise ConfigError(key, f"must be a boolean, got {_describe(value)}")
+    return value
+
+
+def _str(key: str, value: Any, text: bool) -> str:
+    if not isinstance(value, str):
+        raise ConfigError(key, f"must be a string, got {_describe(value)}")
+    if not value.strip():
+        raise ConfigError(key, "must not be empty")
+    return value
+
+
+def _host(key: str, value: Any, text: bool) -> str:
+    value = _str(key, value, text).strip()
+    if any(ch.isspace() for ch in value) or "/" in value:
+        raise ConfigError(key, f"is not a host name or address: {value!r}")
+    return value
+
+
+def _redis_url(key: str, value: Any, text: bool) -> str:
+    value = _str(key, value, text).strip()
+    parts = urlsplit(value)
+    if parts.scheme not in REDIS_SCHEMES or not (parts.netloc or parts.path):
+        raise ConfigError(key, f"must be a redis://, rediss:// or unix:// URL, got {value!r}")
+    return value
+
+
+def _log_level(key: str, value: Any, text: bool) -> str:
+    value = _str(key, value, text).strip().lower()
+    if value not in LOG_LEVELS:
+        raise ConfigError(key, f"must be one of {', '.join(LOG_LEVELS)}, got {value!r}")
+    return value
+
+
+def _subscribe_policy(key: str, value: Any, text: bool) -> str:
+    value = _str(key, value, text)
+    if value not in SUBSCRIBE_POLICIES:
+        raise ConfigError(key, f"must be one of {', '.join(SUBSCRIBE_POLICIES)}, got {value!r}")
+    return value
+
+
+def _algorithms(key: str, value: Any, text: bool) -> tuple[str, ...]:
+    if text and isinstance(value, str):
+        value = [part.strip() for part in value.split(",") if part.strip()]
+    if not isinstance(value, (list, tuple)) or not value:
+        raise ConfigError(key, f"must be a non-empty list of algorithm names, got {_describe(value)}")
+    for name in value:
+        if name not in JWT_ALGORITHMS:
+            raise ConfigError(key, f"unsupported algorithm {name!r} (known: {', '.join(JWT_ALGORITHMS)})")
+    return tuple(value)
+
+
+def _pem(key: str, value: Any, text: bool) -> str:
+    value = _str(key, value, text)
+    if "-----BEGIN" not in value:
+        raise ConfigError(key, "must be a PEM public key (-----BEGIN PUBLIC KEY----- ...)")
+    return value
+
+
+TOP_LEVEL: dict[str, Callable[[str, Any, bool], Any]] = {
+    "host": _host,
+    "port": _int(0, 65535),
+    "shards": _int(1),
+    "api_key": _str,
+    "jwt_secret": _str,
+    "allow_anonymous": _bool,
+    "redis_url": _redis_url,
+    "memory_limit_mb": _int(1),
+    "drain_timeout": _float(0.0),
+    "flush_interval": _float(0.0),
+    "compression": _bool,
+    "log_level": _log_level,
+}
+
+LIMITS: dict[str, Callable[[str, Any, bool], Any]] = {
+    f.name: (_int(1) if f.type in ("int", int) else _float(0.0, strict=True)) for f in fields(Limits)
+}
+
+JWT: dict[str, Callable[[str, Any, bool], Any]] = {
+    "require_exp": _bool,
+    "algorithms": _algorithms,
+    "public_key": _pem,
+    "leeway": _float(0.0),
+}
+
+NAMESPACE: dict[str, Callable[[str, Any, bool], Any]] = {
+    "history_size": _int(1),
+    "history_ttl": _float(0.0),
+    "subscribe": _subscribe_policy,
+    "client_publish": _bool,
+}
+
+#: Every top-level key can come from the environment as BROKER_<KEY>.
+ENV_VARS: dict[str, str] = {f"BROKER_{key.upper()}": key for key in TOP_LEVEL}
+
+#: Flag spellings that mean another key (``--redis`` is ``--redis-url``).
+FLAG_ALIASES = {"redis": "redis_url"}
+
+
+# --------------------------------------------------------------------------
+
+def _read_toml(path: str) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except OSError as exc:
+        raise ConfigError("config", f"cannot read {path}: {exc.strerror or exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("config", f"invalid TOML in {path}: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError("config", f"invalid TOML in {path}: not UTF-8 ({exc.reason})") from None
+
+
+def _table(key: str, value: Any) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ConfigError(key, f"must be a table ([{key}]), got {_describe(value)}")
+    return value
+
+
+def _apply_section(target: Any, section: str, table: dict[str, Any],
+                   parsers: Mapping[str, Callable[[str, Any, bool], Any]]) -> Any:
+    changes = {}
+    for name, value in table.items():
+        key = f"{section}.{name}"
+        if name not in parsers:
+            raise ConfigError(key, f"unknown key (known: {', '.join(parsers)})")
+        changes[name] = parsers[name](key, value, False)
+    return replace(target, **changes)
+
+
+def _apply_file(config: Config, data: dict[str, Any]) -> None:
+    for name, value in data.items():
+        if name in TOP_LEVEL:
+            setattr(config, name, TOP_LEVEL[name](name, value, False))
+        elif name == "limits":
+            config.limits = _apply_section(config.limits, "limits", _table("limits", value), LIMITS)
+        elif name == "jwt":
+            table = dict(_table("jwt", value))
+            if "public_key_file" in table:
+                # Convenience: the PEM may live in its own file.
+                path = _str("jwt.public_key_file", table.pop("public_key_file"), False)
+                try:
+                    with open(path, encoding="ascii") as fh:
+                        table.setdefault("public_key", fh.read())
+                except (OSError, UnicodeDecodeError) as exc:
+                    raise ConfigError("jwt.public_key_file", f"cannot read {path}: {exc}") from None
+            config.jwt = _apply_section(config.jwt, "jwt", table, JWT)
+        elif name == "namespaces":
+            for ns_name, ns_table in _table("namespaces", value).items():
+                key = f"namespaces.{ns_name}"
+                if not _NAMESPACE_NAME.match(ns_name):
+                    raise ConfigError(key, "namespace names use only letters, digits, '_' and '-'")
+                base = config.namespaces.get(ns_name) or Namespace(ns_name)
+                config.namespaces[ns_name] = _apply_section(base, key, _table(key, ns_table), NAMESPACE)
+        else:
+            known = [*TOP_LEVEL, "limits", "jwt", "namespaces"]
+            raise ConfigError(name, f"unknown key (known: {', '.join(known)})")
+
+
+def _check(config: Config) -> None:
+    """Rules that involve more than one key."""
+    if config.jwt.public_key is None and not any(a.startswith("HS") for a in config.jwt.algorithms):
+        raise ConfigError("jwt.algorithms", "only asymmetric algorithms listed but jwt.public_key is not set")
+
+
+def load_config(file: str | None = None, env: Mapping[str, str] | None = None,
+                flags: Mapping[str, object] | None = None) -> Config:
+    """Build a validated ``Config``: defaults < TOML ``file`` < ``env`` < ``flags``.
+
+    ``env`` is a mapping such as ``os.environ`` (None: no environment layer);
+    only the BROKER_* names in ``ENV_VARS`` are read and an empty value counts
+    as unset. ``flags`` maps top-level keys (``port``, ``redis_url`` or its
+    alias ``redis``, ...) to values the user actually gave, typed or as text;
+    None values are skipped. Raises ``ConfigError(key, message)``.
+    """
+    config = Config()
+    if file is not None:
+        _apply_file(config, _read_toml(file))
+    for var, key in ENV_VARS.items():
+        value = (env or {}).get(var)
+        if value is None or value.strip() == "":
+            continue
+        try:
+            setattr(config, key, TOP_LEVEL[key](key, value, True))
+        except ConfigError as exc:
+            raise ConfigError(key, f"{exc.message} (from {var})") from None
+    for name, value in (flags or {}).items():
+        if value is None:
+            continue
+        key = FLAG_ALIASES.get(name, name)
+        if key not in TOP_LEVEL:
+            raise ConfigError(key, "unknown setting")
+        try:
+            setattr(config, key, TOP_LEVEL[key](key, value, True))
+        except ConfigError as exc:
+            raise ConfigError(key, f"{exc.message} (from --{name.replace('_', '-')})") from None
+    _check(config)
+    return config
