@@ -1,0 +1,194 @@
+"""The server API (PROTOCOL.md §3), Sans-I/O: a Request in, a Response out.
+
+Routing, API-key checks, body validation and JSON errors live here; the
+shard does the publishing. Every refusal is an HTTP status with a JSON body
+``{"error": "..."}``; a 200 for a publication means it is in the history.
+"""
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
+
+from .auth import check_api_key
+from .channels import namespace_of, validate_channel
+from .errors import EngineUnavailable, ProtocolViolation
+from .httpmsg import Request, Response, error_response, json_response
+from .protocol import decode_json, encode_json
+
+if TYPE_CHECKING:
+    from .shard import Shard
+
+__all__ = ["handle", "MAX_HISTORY_LIMIT"]
+
+MAX_HISTORY_LIMIT = 1000
+
+Handler = Callable[["Shard", Request, "re.Match[str]"], Awaitable[Response]]
+_ROUTES: list[tuple[str, re.Pattern[str], Handler, bool]] = []  # method, path, handler, needs key
+
+
+def route(method: str, pattern: str, needs_key: bool = True):
+    def register(handler: Handler) -> Handler:
+        _ROUTES.append((method, re.compile(pattern + r"\Z"), handler, needs_key))
+        return handler
+    return register
+
+
+async def handle(shard: "Shard", request: Request) -> Response:
+    allowed: list[str] = []
+    for method, pattern, handler, needs_key in _ROUTES:
+        match = pattern.match(request.path)
+        if match is None:
+            continue
+        if method != request.method:
+            allowed.append(method)
+            continue
+        if needs_key and not check_api_key(request.headers.get("authorization"), shard.config):
+            return error_response(401, "missing or wrong API key (Authorization: apikey <KEY>)")
+        try:
+            return await handler(shard, request, match)
+        except _BadRequest as exc:
+            return error_response(exc.status, exc.message)
+        except ProtocolViolation as exc:
+            return error_response(exc.code, exc.message)
+        except EngineUnavailable as exc:
+            return error_response(503, f"engine unavailable: {exc}", headers=(("Retry-After", "1"),))
+    if allowed:
+        return error_response(405, f"{request.path} takes {', '.join(allowed)}",
+                              headers=(("Allow", ", ".join(allowed)),))
+    return error_response(404, f"no such endpoint: {request.path}")
+
+
+class _BadRequest(Exception):
+    def __init__(self, message: str, status: int = 400) -> None:
+        self.status = status
+        self.message = message
+
+
+def _json_body(request: Request) -> Any:
+    if not request.body:
+        raise _BadRequest("empty body: send a JSON document")
+    try:
+        return decode_json(request.body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise _BadRequest(f"invalid JSON body: {exc}") from None
+
+
+def _publishable(shard: "Shard", channel: object) -> str:
+    """A valid channel in a configured namespace; 400 otherwise."""
+    try:
+        name = validate_channel(channel)
+        namespace_of(shard.config, name)
+    except ProtocolViolation as exc:
+        raise _BadRequest(f"invalid channel {channel!r}: {exc.message}") from None
+    return name
+
+
+def _encode_data(value: Any) -> bytes:
+    try:
+        return encode_json(value)
+    except ValueError as exc:
+        raise _BadRequest(f"data is not valid JSON: {exc}") from None
+
+
+async def _publish(shard: "Shard", channel: str, data: Any) -> Response:
+    position = await shard.publish(channel, _encode_data(data))
+    return json_response(200, {"channel": channel, "epoch": position.epoch,
+                               "offset": position.offset})
+
+
+@route("POST", "/api/publish")
+async def publish(shard: "Shard", request: Request, match: re.Match[str]) -> Response:
+    body = _json_body(request)
+    if not isinstance(body, dict) or "channel" not in body or "data" not in body:
+        raise _BadRequest('body must be {"channel": "...", "data": ...}')
+    return await _publish(shard, _publishable(shard, body["channel"]), body["data"])
+
+
+@route("POST", "/api/broadcast")
+async def broadcast(shard: "Shard", request: Request, match: re.Match[str]) -> Response:
+    body = _json_body(request)
+    if not isinstance(body, dict) or not isinstance(body.get("channels"), list) or "data" not in body:
+        raise _BadRequest('body must be {"channels": ["..."], "data": ...}')
+    if not body["channels"]:
+        raise _BadRequest("channels must not be empty")
+    # Refused whole when any channel is invalid: validate all before publishing one.
+    channels = [_publishable(shard, channel) for channel in body["channels"]]
+    data_json = _encode_data(body["data"])
+    results = []
+    for channel in channels:
+        position = await shard.publish(channel, data_json)
+        results.append({"channel": channel, "epoch": position.epoch, "offset": position.offset})
+    return json_response(200, {"results": results})
+
+
+@route("POST", r"/api/bills/(?P<id>[^/]+)/updates")
+async def bill_update(shard: "Shard", request: Request, match: re.Match[str]) -> Response:
+    return await _publish(shard, _publishable(shard, f"bill:{match['id']}"), _json_body(request))
+
+
+@route("POST", r"/api/users/(?P<id>[^/]+)/notifications")
+async def user_notification(shard: "Shard", request: Request, match: re.Match[str]) -> Response:
+    return await _publish(shard, _publishable(shard, f"user:{match['id']}"), _json_body(request))
+
+
+def _int_param(query: dict[str, str], name: str, default: int, low: int, high: int | None = None) -> int:
+    raw = query.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise _BadRequest(f"{name} must be an integer") from None
+    if value < low or (high is not None and value > high):
+        raise _BadRequest(f"{name} must be between {low} and {high}" if high is not None
+                          else f"{name} must be >= {low}")
+    return value
+
+
+@route("GET", "/api/history")
+async def history(shard: "Shard", request: Request, match: re.Match[str]) -> Response:
+    query = request.query()
+    if "channel" not in query:
+        raise _BadRequest("channel is required")
+    channel = _publishable(shard, query["channel"])
+    since = _int_param(query, "since", 0, 0)
+    limit = _int_param(query, "limit", MAX_HISTORY_LIMIT, 1, MAX_HISTORY_LIMIT)
+    position, publications = await shard.engine.history(channel, since, limit)
+    # The stored data is already compact JSON: splice it in, never re-encode.
+    items = b",".join(b'{"offset":%d,"data":%s}' % (offset, data) for offset, data in publications)
+    head = encode_json({"channel": channel, "epoch": position.epoch, "offset": position.offset})
+    return Response(200, head[:-1] + b',"publications":[' + items + b"]}")
+
+
+@route("GET", "/api/stats")
+async def stats(shard: "Shard", request: Request, match: re.Match[str]) -> Response:
+    return json_response(200, node_stats(shard.node_id, [shard.stats()]))
+
+
+def node_stats(node: str, shards: list[dict[str, Any]]) -> dict[str, Any]:
+    """The cluster view of PROTOCOL.md §3: node totals, then each shard."""
+    totals = {key: sum(s[key] for s in shards)
+              for key in ("connections", "subscriptions", "channels", "published", "delivered")}
+    return {"node": node, **totals, "shards": shards}
+
+
+@route("GET", "/healthz", needs_key=False)
+async def healthz(shard: "Shard", request: Request, match: re.Match[str]) -> Response:
+    return json_response(200, {"status": "ok"})
+
+
+@route("GET", "/readyz", needs_key=False)
+async def readyz(shard: "Shard", request: Request, match: re.Match[str]) -> Response:
+    if shard.draining:
+        return json_response(503, {"ready": False, "reason": "draining"})
+    if not shard.engine.ready():
+        return json_response(503, {"ready": False, "reason": "engine unreachable"})
+    return json_response(200, {"ready": True})
+
+
+@route("GET", "/metrics", needs_key=False)
+async def metrics(shard: "Shard", request: Request, match: re.Match[str]) -> Response:
+    from .metrics import render
+
+    body, content_type = render([shard.stats()])
+    return Response(200, body, content_type=content_type)

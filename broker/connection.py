@@ -1,0 +1,327 @@
+"""One TCP connection: an asyncio.Protocol that owns only the transport.
+
+HTTP phase: httptools parses request heads and bodies (keep-alive and
+pipelining work); a request for ``/ws`` with an Upgrade becomes the WebSocket
+phase, anything else goes to ``broker.api``. WebSocket phase: websockets'
+Sans-I/O ``Protocol`` parses client frames (masking, control frames, 1002,
+1009); this class only reassembles text messages, checks UTF-8 (1007) and
+refuses binary (1003). Everything the connection sends as data goes through
+the shard's outbound table, so replies and publications share one ordered,
+bounded buffer and one frame per flush.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+from typing import TYPE_CHECKING
+
+import httptools
+from websockets.frames import Opcode
+from websockets.protocol import OPEN, Protocol, Side
+
+from . import api
+from .handshake import Accepted, negotiate
+from .httpmsg import Request, Response, error_response
+
+if TYPE_CHECKING:
+    from .shard import Shard
+
+__all__ = ["Connection"]
+
+log = logging.getLogger("broker.connection")
+
+CLOSE_GRACE = 2.0  # seconds to wait for the client's close frame before dropping
+
+
+class Connection(asyncio.Protocol):
+    __slots__ = (
+        "shard", "transport", "parser", "cid", "ws", "identity", "deflate", "window_bits",
+        "paused", "closing", "timer", "_url", "_headers", "_head_bytes", "_body", "_body_size",
+        "_refused", "_requests", "_busy", "_fragments", "_commands", "peer", "__weakref__",
+    )
+
+    def __init__(self, shard: "Shard") -> None:
+        self.shard = shard
+        self.transport: asyncio.Transport | None = None
+        self.parser: httptools.HttpRequestParser | None = httptools.HttpRequestParser(self)
+        self.cid = -1                      # WebSocket connection id once upgraded
+        self.ws: Protocol | None = None
+        self.identity = None
+        self.deflate = False
+        self.window_bits = 15
+        self.paused = False
+        self.closing = False
+        self.timer: asyncio.TimerHandle | None = None
+        self._url = b""
+        self._headers: dict[str, str] = {}
+        self._head_bytes = 0
+        self._body: list[bytes] = []
+        self._body_size = 0
+        self._refused: Response | None = None
+        self._requests: collections.deque[Request] = collections.deque()
+        self._busy = False
+        self._fragments: list[bytes] | None = None
+        self._commands: collections.deque[str] = collections.deque()
+
+    # ----------------------------------------------------------- transport
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.shard.http_opened(self)
+        self._arm_timer()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_timer()
+        self.closing = True
+        self.shard.connection_closed(self)
+        self.transport = None
+
+    def pause_writing(self) -> None:
+        self.paused = True
+
+    def resume_writing(self) -> None:
+        self.paused = False
+        if self.cid >= 0:
+            self.shard.flush_connection(self)
+
+    def data_received(self, data: bytes) -> None:
+        if self.ws is not None:
+            self._ws_data(data)
+            return
+        if self.parser is None:
+            return  # refused; waiting for the close
+        self._head_bytes += len(data)
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as upgrade:
+            self._upgrade(data[upgrade.args[0]:] if upgrade.args else b"")
+        except httptools.HttpParserCallbackError:
+            if self._refused is not None:
+                self._refuse(self._refused)
+            else:  # pragma: no cover - a bug in a callback
+                log.exception("HTTP callback failed")
+                self._refuse(error_response(500, "internal error"))
+        except httptools.HttpParserError as exc:
+            self._refuse(error_response(400, f"malformed HTTP request: {exc}"))
+
+    def eof_received(self) -> bool | None:
+        return None  # close our side too
+
+    def _arm_timer(self) -> None:
+        self._cancel_timer()
+        self.timer = self.shard.loop.call_later(self.shard.config.limits.handshake_timeout,
+                                                self._timed_out)
+
+    def _cancel_timer(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    def _timed_out(self) -> None:
+        self.timer = None
+        if self.ws is None and self.transport is not None and not self._requests and not self._busy:
+            self.transport.close()
+
+    # -------------------------------------------------- httptools callbacks
+    def on_message_begin(self) -> None:
+        self._url = b""
+        self._headers = {}
+        self._body = []
+        self._body_size = 0
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+        if len(self._url) > self.shard.config.limits.max_header_bytes:
+            self._too_large()
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        limits = self.shard.config.limits
+        if len(self._headers) >= limits.max_header_count or self._head_bytes > limits.max_header_bytes:
+            self._too_large()
+        key = name.decode("latin-1").lower()
+        text = value.decode("latin-1")
+        self._headers[key] = f"{self._headers[key]}, {text}" if key in self._headers else text
+
+    def _too_large(self) -> None:
+        self._refused = error_response(431, "request header fields too large")
+        raise _Refuse
+
+    def on_headers_complete(self) -> None:
+        self._head_bytes = 0
+        length = self._headers.get("content-length")
+        limit = self.shard.config.limits.max_body_size
+        if length is not None and length.isdigit() and int(length) > limit:
+            self._refused = error_response(413, f"body larger than {limit} bytes")
+            raise _Refuse
+
+    def on_body(self, body: bytes) -> None:
+        self._body_size += len(body)
+        limit = self.shard.config.limits.max_body_size
+        if self._body_size > limit:
+            self._refused = error_response(413, f"body larger than {limit} bytes")
+            raise _Refuse
+        self._body.append(body)
+
+    def on_message_complete(self) -> None:
+        assert self.parser is not None
+        if self.parser.should_upgrade():
+            return  # handled by HttpParserUpgrade in data_received
+        self._requests.append(self._request(keep_alive=self.parser.should_keep_alive()))
+        self._arm_timer()
+        if not self._busy:
+            self._busy = True
+            self.shard.loop.create_task(self._serve_requests())
+
+    def _request(self, keep_alive: bool) -> Request:
+        url = httptools.parse_url(self._url) if self._url else None
+        path = url.path.decode("latin-1") if url and url.path else "/"
+        query = url.query.decode("latin-1") if url and url.query else ""
+        method = self.parser.get_method().decode() if self.parser else "GET"
+        return Request(method, path, query, self._headers, b"".join(self._body), keep_alive)
+
+    async def _serve_requests(self) -> None:
+        try:
+            while self._requests and self.transport is not None:
+                request = self._requests.popleft()
+                try:
+                    response = await api.handle(self.shard, request)
+                except Exception:  # never crash the shard on one request
+                    log.exception("API handler failed for %s %s", request.method, request.path)
+                    response = error_response(500, "internal error")
+                if self.transport is None:
+                    return
+                keep_alive = request.keep_alive and not response.close
+                self.transport.write(response.encode(keep_alive))
+                if not keep_alive:
+                    self.parser = None
+                    self.transport.close()
+                    return
+        finally:
+            self._busy = False
+
+    def _refuse(self, response: Response) -> None:
+        """Answer an HTTP error and close: the request cannot be trusted further."""
+        self.parser = None
+        if self.transport is not None:
+            self.transport.write(response.encode(keep_alive=False))
+            self.transport.close()
+
+    # ----------------------------------------------------------- upgrade
+    def _upgrade(self, rest: bytes) -> None:
+        request = self._request(keep_alive=False)
+        if request.path != "/ws":
+            self._refuse(error_response(404, f"no WebSocket endpoint at {request.path}"))
+            return
+        refusal = self.shard.admission_refusal()
+        if refusal is not None:
+            self._refuse(refusal)
+            return
+        outcome = negotiate(request, self.shard.config)
+        if isinstance(outcome, Response):
+            self._refuse(outcome)
+            return
+        self._accept(outcome, rest)
+
+    def _accept(self, accepted: Accepted, rest: bytes) -> None:
+        assert self.transport is not None
+        self._cancel_timer()
+        self.parser = None
+        self._headers = {}
+        self.identity = accepted.identity
+        ws = Protocol(Side.SERVER, state=OPEN, max_size=self.shard.config.limits.max_message_size,
+                      logger=log)
+        if accepted.deflate is not None:
+            ws.extensions = [accepted.deflate]
+            self.deflate = True
+            self.window_bits = accepted.window_bits
+        self.ws = ws
+        self.transport.write(accepted.response)
+        self.shard.websocket_opened(self)
+        if rest:
+            self._ws_data(rest)
+
+    # ------------------------------------------------------ WebSocket phase
+    def _ws_data(self, data: bytes) -> None:
+        ws = self.ws
+        assert ws is not None
+        ws.receive_data(data)
+        for frame in ws.events_received():
+            opcode = frame.opcode
+            if opcode is Opcode.TEXT or opcode is Opcode.BINARY:
+                if opcode is Opcode.BINARY:
+                    self.close(1003, "binary messages are not accepted")
+                    break
+                if frame.fin:
+                    self._text_message(frame.data)
+                else:
+                    self._fragments = [frame.data]
+            elif opcode is Opcode.CONT:
+                if self._fragments is None:  # websockets rejects this already
+                    continue
+                self._fragments.append(frame.data)
+                if frame.fin:
+                    data_, self._fragments = b"".join(self._fragments), None
+                    self._text_message(data_)
+            # PING/PONG/CLOSE: websockets answers and tracks state itself.
+            if self.closing:
+                break
+        self._write_protocol_output()
+
+    def _write_protocol_output(self) -> None:
+        ws = self.ws
+        if ws is None or self.transport is None:
+            return
+        for chunk in ws.data_to_send():
+            if chunk:
+                self.transport.write(chunk)
+            else:  # websockets asks to half-close: the closing handshake is over
+                self.transport.close()
+                return
+        if ws.close_expected() and not self.closing:
+            # The peer sent close (or broke the protocol); let it close first.
+            self.closing = True
+            self.timer = self.shard.loop.call_later(CLOSE_GRACE, self._abort)
+
+    def _text_message(self, payload: bytes) -> None:
+        try:
+            text = payload.decode("utf-8")
+        except UnicodeDecodeError:
+            self.close(1007, "invalid UTF-8 in a text message")
+            return
+        self._commands.append(text)
+        if not self._busy:
+            self._busy = True
+            self.shard.loop.create_task(self._run_commands())
+
+    async def _run_commands(self) -> None:
+        try:
+            while self._commands and not self.closing:
+                await self.shard.handle_message(self, self._commands.popleft())
+        except Exception:
+            log.exception("command handling failed")
+            self.close(1011, "internal error")
+        finally:
+            self._busy = False
+
+    def close(self, code: int, reason: str = "") -> None:
+        """Flush what is pending, then start the closing handshake."""
+        if self.closing or self.ws is None or self.transport is None:
+            return
+        self.shard.flush_connection(self, force=True)
+        self.closing = True
+        self.ws.send_close(code, reason)
+        for chunk in self.ws.data_to_send():
+            if chunk:
+                self.transport.write(chunk)
+        self.shard.connection_closing(self)
+        self._cancel_timer()
+        self.timer = self.shard.loop.call_later(CLOSE_GRACE, self._abort)
+
+    def _abort(self) -> None:
+        self.timer = None
+        if self.transport is not None:
+            self.transport.abort()
+
+
+class _Refuse(Exception):
+    """Raised inside an httptools callback to stop parsing; ``_refused`` says why."""

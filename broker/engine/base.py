@@ -1,0 +1,68 @@
+"""The engine interface the shard depends on."""
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from typing import Callable
+
+__all__ = ["Engine", "Position", "Recovery", "DeliverFn"]
+
+# deliver(channel, offset, data_json): called once per accepted publication,
+# in offset order per channel, after it is stored in the channel's history.
+DeliverFn = Callable[[str, int, bytes], None]
+
+
+@dataclass(frozen=True, slots=True)
+class Position:
+    """Where a channel's stream stands: its epoch and its last offset."""
+
+    epoch: str
+    offset: int
+
+
+@dataclass(slots=True)
+class Recovery:
+    """Answer to a recover request: ``recovered`` is True only when every
+    publication after the client's offset is in ``publications``."""
+
+    position: Position
+    recovered: bool
+    publications: list[tuple[int, bytes]] = field(default_factory=list)
+
+
+class Engine(abc.ABC):
+    """Sequencing and history for channels.
+
+    Methods are coroutines so a networked engine (Redis) fits; the memory
+    engine completes them without suspending.
+    """
+
+    deliver: DeliverFn
+
+    @abc.abstractmethod
+    async def publish(self, channel: str, data_json: bytes) -> Position:
+        """Store the publication (next offset) and deliver it; returns its position.
+
+        Raises EngineUnavailable when it cannot be stored: no false acks."""
+
+    @abc.abstractmethod
+    async def position(self, channel: str) -> Position:
+        """The channel's current epoch and last offset."""
+
+    @abc.abstractmethod
+    async def recover(self, channel: str, epoch: str, offset: int) -> Recovery:
+        """Publications after ``offset`` if the history still covers them."""
+
+    @abc.abstractmethod
+    async def history(self, channel: str, since: int, limit: int) -> tuple[Position, list[tuple[int, bytes]]]:
+        """Retained publications with offset > ``since``, oldest first."""
+
+    @abc.abstractmethod
+    def ready(self) -> bool:
+        """True when publishing and subscribing can succeed now."""
+
+    def stats(self) -> dict[str, int]:
+        return {}
+
+    async def close(self) -> None:
+        return None

@@ -1,0 +1,177 @@
+"""Running a broker: ``serve`` for ``broker serve`` and the embeddable ``Broker``.
+
+Both build the same shard on a fresh event loop (uvloop when installed) and
+stop the same way: a graceful drain (every client told to reconnect, buffers
+flushed, close 1012), then exit.
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import signal
+import socket
+import sys
+import threading
+from typing import Any
+
+from . import _fastpath
+from .config import Config
+from .shard import Shard
+
+__all__ = ["serve", "Broker", "run_shard"]
+
+log = logging.getLogger("broker.server")
+
+
+def _new_loop() -> asyncio.AbstractEventLoop:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on POSIX
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
+def _listen_socket(host: str, port: int) -> socket.socket:
+    """A listening socket with SO_REUSEPORT, so sibling shards share the port."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if hasattr(socket, "SO_REUSEPORT"):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    sock.listen(4096)
+    sock.setblocking(False)
+    return sock
+
+
+async def run_shard(config: Config, stop: asyncio.Event, ready: "threading.Event | None" = None,
+                    bound: dict[str, Any] | None = None, shard_id: int = 0) -> None:
+    """Serve one shard until ``stop`` is set, then drain."""
+    loop = asyncio.get_running_loop()
+    shard = Shard(config, shard_id=shard_id, loop=loop)
+    sock = _listen_socket(config.host, config.port)
+    port = sock.getsockname()[1]
+    shard.node_id = f"{socket.gethostname()}:{port}"
+    server = await loop.create_server(shard.protocol_factory, sock=sock)
+    if bound is not None:
+        bound["port"] = port
+        bound["shard"] = shard
+    log.info("broker serving on http://%s:%d (WebSocket at /ws), fastpath: %s",
+             config.host, port, _fastpath.IMPLEMENTATION)
+    if ready is not None:
+        ready.set()
+    try:
+        await stop.wait()
+    finally:
+        log.info("draining %d connections (timeout %.1fs)", shard.websocket_count, config.drain_timeout)
+        server.close()
+        await shard.drain(config.drain_timeout)
+        shard.close()
+        await shard.engine.close()
+        log.info("shard %d stopped", shard_id)
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+def serve(config: Config) -> int:
+    """``broker serve``: run until SIGTERM/SIGINT, drain, return the exit code."""
+    _configure_logging(config.log_level)
+    if config.redis_url:
+        print("error: redis_url: the Redis engine is not built yet; "
+              "run without --redis for one host", file=sys.stderr)
+        return 2
+    if config.api_key is None:
+        log.warning("no api_key configured: the server API accepts unauthenticated requests")
+    if config.shards > 1:
+        log.warning("shards=%d requested; this build runs one shard per node "
+                    "(the multi-shard supervisor is not built yet)", config.shards)
+    loop = _new_loop()
+    asyncio.set_event_loop(loop)
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        loop.run_until_complete(run_shard(config, stop))
+    except OSError as exc:
+        print(f"error: cannot listen on {config.host}:{config.port}: {exc.strerror or exc}",
+              file=sys.stderr)
+        return 1
+    finally:
+        loop.close()
+    return 0
+
+
+class Broker:
+    """An embedded broker (one shard) running in a background thread.
+
+    >>> broker = Broker(port=0, api_key="k", allow_anonymous=True).start()
+    >>> broker.url            # doctest: +SKIP
+    'http://127.0.0.1:41234'
+    >>> broker.shutdown()
+    """
+
+    def __init__(self, config: Config | None = None, **settings: Any) -> None:
+        self.config = dataclasses.replace(config or Config(shards=1), **settings)
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._bound: dict[str, Any] = {}
+        self._error: BaseException | None = None
+
+    @property
+    def port(self) -> int:
+        return self._bound.get("port", self.config.port)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.config.host}:{self.port}"
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://{self.config.host}:{self.port}/ws"
+
+    def start(self, timeout: float = 10.0) -> "Broker":
+        """Start serving; returns once the port is listening."""
+        if self._thread is not None:
+            raise RuntimeError("broker already started")
+        ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(ready,), name="broker", daemon=True)
+        self._thread.start()
+        if not ready.wait(timeout) or self._error is not None:
+            raise RuntimeError(f"broker did not start: {self._error!r}")
+        return self
+
+    def _run(self, ready: threading.Event) -> None:
+        loop = self._loop = _new_loop()
+        asyncio.set_event_loop(loop)
+        self._stop = asyncio.Event()
+        try:
+            loop.run_until_complete(run_shard(self.config, self._stop, ready, self._bound))
+        except BaseException as exc:  # surfaced by start()
+            self._error = exc
+            ready.set()
+        finally:
+            loop.close()
+
+    def shutdown(self, timeout: float | None = None) -> None:
+        """Drain (clients are told to reconnect) and stop the thread."""
+        if self._thread is None or self._loop is None or self._stop is None:
+            return
+        if not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(timeout if timeout is not None else self.config.drain_timeout + 5)
+        self._thread = None
+
+    def stats(self) -> dict[str, Any]:
+        shard = self._bound.get("shard")
+        return shard.stats() if shard is not None else {}
+
+    def __enter__(self) -> "Broker":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
