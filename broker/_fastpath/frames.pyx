@@ -1,0 +1,455 @@
+# distutils: libraries = z
+"""WebSocket server frames and permessage-deflate (compiled).
+
+Contract: docs/architecture.md, "Fastpath contracts / frames". The pure
+twin is ``frames_py``; both behave identically and, for the same level and
+window, produce byte-identical compressed output (both are zlib, raw
+deflate, memLevel 8, default strategy).
+
+Choices where the contract is silent (same in the twin):
+- payloads are any C-contiguous bytes-like object (str is a TypeError);
+  text payloads are not UTF-8 checked (the broker builds them from JSON).
+- ``frame_header``: ValueError for a length outside [0, 2**63), an opcode
+  other than the six OP_* values, or a control frame (CLOSE/PING/PONG) that
+  is fragmented, longer than 125 bytes or has RSV1 (RFC 6455 §5.5, RFC 7692
+  §6.1).
+- ``ndjson_batch`` accepts any iterable of bytes-like lines; an empty line
+  is allowed.
+- ``batch_frame``: ValueError when ``pending`` is empty or does not end
+  with ``\\n``.
+- ``Deflater(level, window_bits)``: level -1..9, window_bits 8..15; zlib
+  cannot make raw deflate streams with an 8-bit window, so 8 means 9
+  (``.window_bits`` reports 9). The 512-byte window is what an 8-bit
+  negotiation gets from zlib-based servers; do not accept
+  ``server_max_window_bits=8`` from a client that cannot inflate with 9.
+  An empty payload compresses to b"\\x00" (RFC 7692 §7.2.3.6). Level 0
+  writes the stored blocks directly (blocks of 65535 bytes, exactly what a
+  single sync-flushed zlib call emits): zlib's own level-0 block sizes depend
+  on its caller's output-buffer sizes, which would break byte identity.
+- ``SharedFrames(deflater)``: ``pending`` must be hashable bytes (the
+  cache key); ``deflater`` may be None when nothing is compressed
+  (compress=True then raises ValueError). Any object with a
+  ``compress(payload) -> bytes`` method serves as the deflater.
+"""
+cimport cython
+from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from cpython.mem cimport PyMem_Free, PyMem_Malloc, PyMem_Realloc
+from libc.string cimport memchr, memcpy, memset
+
+from operator import index as _index
+
+__all__ = [
+    "OP_CONT", "OP_TEXT", "OP_BINARY", "OP_CLOSE", "OP_PING", "OP_PONG",
+    "frame_header", "text_frame", "ndjson_batch", "batch_frame",
+    "Deflater", "SharedFrames",
+]
+
+
+cdef extern from "zlib.h":
+    ctypedef unsigned char Bytef
+    ctypedef unsigned int uInt
+    ctypedef unsigned long uLong
+    ctypedef struct z_stream:
+        Bytef* next_in
+        uInt avail_in
+        Bytef* next_out
+        uInt avail_out
+        char* msg
+    int deflateInit2(z_stream* strm, int level, int method, int windowBits,
+                     int memLevel, int strategy)
+    int deflate(z_stream* strm, int flush)
+    int deflateReset(z_stream* strm)
+    int deflateEnd(z_stream* strm)
+    uLong deflateBound(z_stream* strm, uLong sourceLen)
+    int Z_OK
+    int Z_BUF_ERROR
+    int Z_MEM_ERROR
+    int Z_NO_FLUSH
+    int Z_SYNC_FLUSH
+    int Z_DEFLATED
+    int Z_DEFAULT_STRATEGY
+
+
+cdef enum:
+    _OP_CONT = 0x0
+    _OP_TEXT = 0x1
+    _OP_BINARY = 0x2
+    _OP_CLOSE = 0x8
+    _OP_PING = 0x9
+    _OP_PONG = 0xA
+    _MAX_HEADER = 10           # server frames are never masked
+    _MEM_LEVEL = 8             # zlib's DEF_MEM_LEVEL, what Python's zlib uses
+    _CHUNK = 1 << 30           # stays inside zlib's uInt counters
+    _KEEP_SCRATCH = 1 << 20    # scratch kept between compress calls
+
+OP_CONT = _OP_CONT
+OP_TEXT = _OP_TEXT
+OP_BINARY = _OP_BINARY
+OP_CLOSE = _OP_CLOSE
+OP_PING = _OP_PING
+OP_PONG = _OP_PONG
+
+cdef bytes _EMPTY = b""
+cdef bytes _TEXT_EMPTY_FRAME = b"\x81\x00"
+
+
+cdef inline int _check_opcode(object opcode) except -1:
+    op = _index(opcode)
+    if op not in (_OP_CONT, _OP_TEXT, _OP_BINARY, _OP_CLOSE, _OP_PING, _OP_PONG):
+        raise ValueError(f"invalid opcode {op!r}")
+    return op
+
+
+cdef inline Py_ssize_t _write_header(unsigned char* out, unsigned long long length,
+                                     int opcode, bint fin, bint rsv1) noexcept nogil:
+    """Write the header into out (>= _MAX_HEADER bytes); returns its size."""
+    cdef int i
+    out[0] = <unsigned char>((0x80 if fin else 0) | (0x40 if rsv1 else 0) | opcode)
+    if length < 126:
+        out[1] = <unsigned char>length
+        return 2
+    if length < 65536:
+        out[1] = 126
+        out[2] = <unsigned char>(length >> 8)
+        out[3] = <unsigned char>length
+        return 4
+    out[1] = 127
+    for i in range(8):
+        out[2 + i] = <unsigned char>(length >> (56 - 8 * i))
+    return 10
+
+
+cdef inline Py_ssize_t _header_size(Py_ssize_t length) noexcept nogil:
+    if length < 126:
+        return 2
+    if length < 65536:
+        return 4
+    return 10
+
+
+cdef bytes _frame(const char* payload, Py_ssize_t n, bint rsv1):
+    """One unfragmented text frame: header + n payload bytes, one allocation."""
+    cdef Py_ssize_t h = _header_size(n)
+    cdef bytes out = PyBytes_FromStringAndSize(NULL, h + n)
+    cdef char* p = PyBytes_AS_STRING(out)
+    _write_header(<unsigned char*>p, <unsigned long long>n, _OP_TEXT, True, rsv1)
+    if n:
+        memcpy(p + h, payload, <size_t>n)
+    return out
+
+
+def frame_header(length, opcode=OP_TEXT, fin=True, rsv1=False):
+    """An unmasked server frame header (RFC 6455 §5.2) for ``length`` payload bytes."""
+    cdef unsigned char buf[_MAX_HEADER]
+    cdef Py_ssize_t h
+    cdef int op = _check_opcode(opcode)
+    cdef bint f = fin
+    cdef bint r = rsv1
+    length = _index(length)
+    if length < 0 or length >= 2 ** 63:
+        raise ValueError(f"frame length {length} is outside [0, 2**63)")
+    if op >= _OP_CLOSE and (length > 125 or not f or r):
+        raise ValueError("control frames are unfragmented, <= 125 bytes, without RSV1")
+    h = _write_header(buf, <unsigned long long>length, op, f, r)
+    return PyBytes_FromStringAndSize(<char*>buf, h)
+
+
+def text_frame(payload, rsv1=False):
+    """One unfragmented text frame (header + payload); RSV1 marks it compressed."""
+    cdef Py_buffer view
+    cdef bint r = rsv1
+    if type(payload) is bytes:
+        return _frame(PyBytes_AS_STRING(payload), PyBytes_GET_SIZE(payload), r)
+    PyObject_GetBuffer(payload, &view, PyBUF_SIMPLE)
+    try:
+        return _frame(<const char*>view.buf, view.len, r)
+    finally:
+        PyBuffer_Release(&view)
+
+
+def ndjson_batch(lines):
+    """Lines joined by one ``\\n`` (ValueError: no line, or a line containing ``\\n``)."""
+    cdef list seq = list(lines) if type(lines) is not list else lines
+    cdef Py_ssize_t count = len(seq)
+    cdef Py_ssize_t total, i, n
+    cdef Py_buffer view
+    cdef bytes out
+    cdef char* p
+    if count == 0:
+        raise ValueError("ndjson_batch needs at least one line")
+    # Pass 1: sizes and newline check (bytes items without a buffer export).
+    total = count - 1
+    for i in range(count):
+        line = seq[i]
+        if type(line) is bytes:
+            n = PyBytes_GET_SIZE(line)
+            if n and memchr(PyBytes_AS_STRING(line), b'\n', <size_t>n) != NULL:
+                raise ValueError(f"line {i} contains a newline")
+        else:
+            PyObject_GetBuffer(line, &view, PyBUF_SIMPLE)
+            n = view.len
+            try:
+                if n and memchr(view.buf, b'\n', <size_t>n) != NULL:
+                    raise ValueError(f"line {i} contains a newline")
+            finally:
+                PyBuffer_Release(&view)
+        total += n
+    out = PyBytes_FromStringAndSize(NULL, total)
+    p = PyBytes_AS_STRING(out)
+    for i in range(count):
+        line = seq[i]
+        if i:
+            p[0] = b'\n'
+            p += 1
+        if type(line) is bytes:
+            n = PyBytes_GET_SIZE(line)
+            memcpy(p, PyBytes_AS_STRING(line), <size_t>n)
+        else:
+            PyObject_GetBuffer(line, &view, PyBUF_SIMPLE)
+            n = view.len
+            if p + n > PyBytes_AS_STRING(out) + total:  # resized by another thread
+                PyBuffer_Release(&view)
+                raise RuntimeError("a line changed size during ndjson_batch")
+            memcpy(p, view.buf, <size_t>n)
+            PyBuffer_Release(&view)
+        p += n
+    return out
+
+
+cdef inline int _check_pending(const char* p, Py_ssize_t n) except -1:
+    if n == 0 or p[n - 1] != b'\n':
+        raise ValueError("pending must be non-empty and end with a newline")
+    return 0
+
+
+def batch_frame(pending):
+    """The text frame of ``pending`` (``\\n``-terminated lines) without its final ``\\n``."""
+    cdef Py_buffer view
+    if type(pending) is bytes:
+        _check_pending(PyBytes_AS_STRING(pending), PyBytes_GET_SIZE(pending))
+        return _frame(PyBytes_AS_STRING(pending), PyBytes_GET_SIZE(pending) - 1, False)
+    PyObject_GetBuffer(pending, &view, PyBUF_SIMPLE)
+    try:
+        _check_pending(<const char*>view.buf, view.len)
+        return _frame(<const char*>view.buf, view.len - 1, False)
+    finally:
+        PyBuffer_Release(&view)
+
+
+@cython.final
+cdef class Deflater:
+    """permessage-deflate without server context takeover (RFC 7692 §7.2.1).
+
+    ``Deflater(level=6, window_bits=15)``; every ``compress`` is an
+    independent raw-deflate message, sync-flushed, trailing 00 00 ff ff
+    removed.
+    """
+
+    cdef z_stream _strm
+    cdef bint _ready
+    cdef unsigned char* _out
+    cdef Py_ssize_t _outcap
+    cdef readonly int level
+    cdef readonly int window_bits
+
+    def __cinit__(self, level=6, window_bits=15):
+        cdef int rc
+        level = _index(level)
+        window_bits = _index(window_bits)
+        if not -1 <= level <= 9:
+            raise ValueError(f"level must be in -1..9, not {level}")
+        if not 8 <= window_bits <= 15:
+            raise ValueError(f"window_bits must be in 8..15, not {window_bits}")
+        if window_bits == 8:
+            window_bits = 9  # zlib refuses raw deflate with an 8-bit window
+        self.level = level
+        self.window_bits = window_bits
+        self._out = NULL
+        self._outcap = 0
+        self._ready = False
+        memset(&self._strm, 0, sizeof(z_stream))
+        rc = deflateInit2(&self._strm, self.level, Z_DEFLATED, -self.window_bits,
+                          _MEM_LEVEL, Z_DEFAULT_STRATEGY)
+        if rc == Z_MEM_ERROR:
+            raise MemoryError()
+        if rc != Z_OK:
+            raise ValueError(f"deflateInit2 failed ({rc})")
+        self._ready = True
+
+    def __dealloc__(self):
+        if self._ready:
+            deflateEnd(&self._strm)
+        PyMem_Free(self._out)
+
+    def __repr__(self):
+        return f"<Deflater level={self.level} window_bits={self.window_bits}>"
+
+    cdef int _grow(self, Py_ssize_t need) except -1:
+        cdef unsigned char* p
+        if need <= self._outcap:
+            return 0
+        p = <unsigned char*>PyMem_Realloc(self._out, <size_t>need)
+        if p == NULL:
+            raise MemoryError()
+        self._out = p
+        self._outcap = need
+        return 0
+
+    cdef Py_ssize_t _compress(self, const char* data, Py_ssize_t n) except -1:
+        """Compress into the scratch buffer ``_out``; returns the length."""
+        cdef z_stream* s = &self._strm
+        cdef Py_ssize_t done = 0
+        cdef Py_ssize_t consumed = 0
+        cdef Py_ssize_t chunk, room
+        cdef int flush, rc
+        if self.level == 0:
+            return self._stored(data, n)
+        deflateReset(s)
+        # deflateBound covers a Z_FINISH stream; + 16 covers the sync marker.
+        self._grow(<Py_ssize_t>deflateBound(s, <uLong>n) + 16)
+        while True:
+            chunk = n - consumed
+            if chunk > _CHUNK:
+                chunk = _CHUNK
+                flush = Z_NO_FLUSH
+            else:
+                flush = Z_SYNC_FLUSH
+            s.next_in = <Bytef*>(data + consumed)
+            s.avail_in = <uInt>chunk
+            while True:
+                if self._outcap - done < 64:
+                    self._grow(self._outcap * 2)
+                room = self._outcap - done
+                if room > _CHUNK:
+                    room = _CHUNK
+                s.next_out = self._out + done
+                s.avail_out = <uInt>room
+                rc = deflate(s, flush)
+                done += room - s.avail_out
+                if rc != Z_OK and rc != Z_BUF_ERROR:
+                    raise RuntimeError(f"deflate failed ({rc})")
+                if s.avail_out != 0:
+                    break
+            consumed += chunk - s.avail_in
+            if flush == Z_SYNC_FLUSH and s.avail_in == 0:
+                break
+        if (done >= 4 and self._out[done - 4] == 0 and self._out[done - 3] == 0
+                and self._out[done - 2] == 0xFF and self._out[done - 1] == 0xFF):
+            done -= 4
+        return done
+
+    cdef Py_ssize_t _stored(self, const char* data, Py_ssize_t n) except -1:
+        """Level 0: non-final stored blocks of <= 65535 bytes, then the first
+        byte of the sync-flush empty block; what zlib emits for one
+        sync-flushed call, but independent of zlib's output-buffer sizing."""
+        cdef Py_ssize_t nblocks = (n + 65534) // 65535
+        cdef Py_ssize_t done = 0
+        cdef Py_ssize_t k
+        cdef unsigned char* o
+        self._grow(n + 5 * nblocks + 1)
+        o = self._out
+        while n > 0:
+            k = n if n < 65535 else 65535
+            o[done] = 0
+            o[done + 1] = <unsigned char>(k & 0xFF)
+            o[done + 2] = <unsigned char>(k >> 8)
+            o[done + 3] = <unsigned char>(~k & 0xFF)
+            o[done + 4] = <unsigned char>((~k >> 8) & 0xFF)
+            memcpy(o + done + 5, data, <size_t>k)
+            done += 5 + k
+            data += k
+            n -= k
+        o[done] = 0
+        return done + 1
+
+    cdef inline void _trim_scratch(self) noexcept:
+        if self._outcap > _KEEP_SCRATCH:
+            PyMem_Free(self._out)
+            self._out = NULL
+            self._outcap = 0
+
+    cdef bytes _compressed_frame(self, const char* data, Py_ssize_t n):
+        """Compress and frame (text, RSV1) with one bytes allocation."""
+        cdef Py_ssize_t clen, h
+        cdef bytes out
+        cdef char* p
+        try:
+            clen = self._compress(data, n)
+            out = PyBytes_FromStringAndSize(NULL, _header_size(clen) + clen)
+            p = PyBytes_AS_STRING(out)
+            h = _write_header(<unsigned char*>p, <unsigned long long>clen, _OP_TEXT, True, True)
+            memcpy(p + h, self._out, <size_t>clen)
+            return out
+        finally:
+            self._trim_scratch()
+
+    def compress(self, payload):
+        """The permessage-deflate payload of one message (independent of the others)."""
+        cdef Py_buffer view
+        cdef Py_ssize_t clen
+        PyObject_GetBuffer(payload, &view, PyBUF_SIMPLE)
+        try:
+            clen = self._compress(<const char*>view.buf, view.len)
+            return PyBytes_FromStringAndSize(<char*>self._out, clen)
+        finally:
+            PyBuffer_Release(&view)
+            self._trim_scratch()
+
+
+@cython.final
+cdef class SharedFrames:
+    """Frames of flushed batches, built (and compressed) once per distinct
+    ``pending`` until ``clear()``: ``SharedFrames(deflater)``."""
+
+    cdef object _deflater
+    cdef dict _plain
+    cdef dict _compressed
+    cdef readonly Py_ssize_t compressions
+
+    def __cinit__(self, deflater):
+        self._deflater = deflater
+        self._plain = {}
+        self._compressed = {}
+        self.compressions = 0
+
+    @property
+    def deflater(self):
+        return self._deflater
+
+    def __repr__(self):
+        return (f"<SharedFrames cached={len(self._plain) + len(self._compressed)}"
+                f" compressions={self.compressions}>")
+
+    def batch_frame(self, pending, compress):
+        """The frame of ``pending`` (see ``batch_frame``); compressed (RSV1) when
+        ``compress``. The same object for the same pending until ``clear()``."""
+        cdef dict cache = self._compressed if compress else self._plain
+        cdef object frame = cache.get(pending)
+        cdef Py_buffer view
+        if frame is not None:
+            return frame
+        PyObject_GetBuffer(pending, &view, PyBUF_SIMPLE)
+        try:
+            _check_pending(<const char*>view.buf, view.len)
+            if not compress:
+                frame = _frame(<const char*>view.buf, view.len - 1, False)
+            elif self._deflater is None:
+                raise ValueError("SharedFrames has no deflater")
+            elif type(self._deflater) is Deflater:
+                frame = (<Deflater>self._deflater)._compressed_frame(
+                    <const char*>view.buf, view.len - 1)
+                self.compressions += 1
+            else:
+                frame = text_frame(self._deflater.compress(
+                    PyBytes_FromStringAndSize(<const char*>view.buf, view.len - 1)), True)
+                self.compressions += 1
+        finally:
+            PyBuffer_Release(&view)
+        cache[pending] = frame
+        return frame
+
+    def clear(self):
+        """Forget every cached frame (call once per flush)."""
+        self._plain.clear()
+        self._compressed.clear()

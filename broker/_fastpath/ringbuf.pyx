@@ -1,0 +1,645 @@
+"""Bounded per-connection byte buffers for the outbound path (compiled).
+
+Contract: docs/architecture.md, "Fastpath contracts / ringbuf". The pure
+twin is ``ringbuf_py``; both must behave identically (tests run on both).
+
+Storage is a C ring (PyMem_Malloc/Realloc/Free): allocated on the first
+non-empty append, grown by doubling (from ``MIN_ALLOC`` bytes) up to the
+capacity, released as soon as the buffer drains, so an idle connection holds
+no storage. ``OutboundTable`` keeps one such ring per open connection in a
+dense C array, indexed by a C open-addressing hash keyed by the uint32 conn
+id; ``append_many`` is a C loop over a uint32 buffer (one lookup and at most
+two memcpy per id, no Python object per id) and dirty connections are tracked
+with a flag per entry plus a C array of ids.
+
+Choices where the contract is silent (same in the twin):
+- data is any C-contiguous bytes-like object (its raw bytes); str is a
+  TypeError.
+- ``peek(n)``: any negative n means "all"; n > len gives all pending bytes.
+- appending b"" always succeeds, writes nothing and does not dirty.
+- ``take_dirty`` reports ids that received bytes since the previous call;
+  ``take`` does not undirty; ``close`` does (a reopened id is dirty again
+  only after it receives bytes, at its new position).
+- ``open`` raises ValueError for an id outside [0, 2**32); ``append``,
+  ``pending`` and ``take`` raise KeyError for an id that is not open (or out
+  of range); ``is_open`` is False and ``close`` a no-op for such ids.
+- ``append_many(cids, data)``: a 1-D buffer of 4-byte unsigned ints
+  (array('I'), a uint32 memoryview, numpy uint32, ...) is read directly;
+  anything else (list, tuple, other buffers, iterables) is iterated as ints.
+  Duplicate ids are appended to once per occurrence.
+"""
+cimport cython
+from cpython.buffer cimport (
+    PyBUF_FORMAT,
+    PyBUF_SIMPLE,
+    PyBUF_STRIDES,
+    PyBuffer_Release,
+    PyObject_CheckBuffer,
+    PyObject_GetBuffer,
+)
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from cpython.mem cimport PyMem_Free, PyMem_Malloc, PyMem_Realloc
+from cpython.number cimport PyNumber_Index
+from libc.stdint cimport int32_t, int64_t, uint32_t
+from libc.string cimport memcpy, memmove
+
+from operator import index as _index
+
+__all__ = ["RingBuffer", "OutboundTable", "MIN_ALLOC"]
+
+cdef enum:
+    # First allocation of a ring's storage (then doubled, capped at capacity).
+    _MIN_ALLOC = 64
+    _MIN_SLOTS_LOG2 = 3   # smallest hash table: 8 slots
+    _MIN_ENTRIES = 8
+    _MIN_DIRTY = 64
+    _MAX_OPEN = 0x3FFFFFFF
+
+MIN_ALLOC = _MIN_ALLOC
+
+cdef uint32_t _one = 1
+cdef bint _LITTLE_ENDIAN = (<unsigned char*>&_one)[0] == 1
+
+cdef bytes _EMPTY = b""
+
+
+# --------------------------------------------------------------------------
+# The C ring shared by RingBuffer and OutboundTable.
+
+ctypedef struct Ring:
+    char* buf
+    Py_ssize_t alloc
+    Py_ssize_t head
+    Py_ssize_t size
+
+
+cdef inline Py_ssize_t _grown(Py_ssize_t alloc, Py_ssize_t need, Py_ssize_t cap) noexcept nogil:
+    """Storage size for ``need`` bytes: doubling from alloc (or MIN_ALLOC), <= cap."""
+    cdef Py_ssize_t a = alloc if alloc > 0 else _MIN_ALLOC
+    while a < need:
+        if a > (cap >> 1):
+            return cap
+        a <<= 1
+    return a if a < cap else cap
+
+
+cdef inline int _ring_reserve(Ring* r, Py_ssize_t need, Py_ssize_t cap) except -1:
+    """Make room for ``need`` bytes in total (need <= cap)."""
+    cdef Py_ssize_t newalloc, first
+    cdef char* nb
+    if need <= r.alloc:
+        return 0
+    newalloc = _grown(r.alloc, need, cap)
+    nb = <char*>PyMem_Realloc(r.buf, <size_t>newalloc)
+    if nb == NULL:
+        raise MemoryError()
+    if r.head + r.size > r.alloc:
+        # Wrapped: move the head segment to the end of the larger storage.
+        first = r.alloc - r.head
+        memmove(nb + newalloc - first, nb + r.head, <size_t>first)
+        r.head = newalloc - first
+    r.buf = nb
+    r.alloc = newalloc
+    return 0
+
+
+cdef inline void _ring_release(Ring* r) noexcept:
+    if r.buf != NULL:
+        PyMem_Free(r.buf)
+    r.buf = NULL
+    r.alloc = 0
+    r.head = 0
+    r.size = 0
+
+
+cdef inline int _ring_write(Ring* r, const char* src, Py_ssize_t n, Py_ssize_t cap) except -1:
+    """Append n > 0 bytes; the caller checked size + n <= cap."""
+    cdef Py_ssize_t tail, first
+    _ring_reserve(r, r.size + n, cap)
+    tail = r.head + r.size
+    if tail >= r.alloc:
+        tail -= r.alloc
+    first = r.alloc - tail
+    if first >= n:
+        memcpy(r.buf + tail, src, <size_t>n)
+    else:
+        memcpy(r.buf + tail, src, <size_t>first)
+        memcpy(r.buf, src + first, <size_t>(n - first))
+    r.size += n
+    return 0
+
+
+cdef inline void _ring_copy(Ring* r, char* dst, Py_ssize_t n) noexcept:
+    """Copy the first n <= size pending bytes to dst."""
+    cdef Py_ssize_t first = r.alloc - r.head
+    if first >= n:
+        memcpy(dst, r.buf + r.head, <size_t>n)
+    else:
+        memcpy(dst, r.buf + r.head, <size_t>first)
+        memcpy(dst + first, r.buf, <size_t>(n - first))
+
+
+cdef inline bytes _ring_peek(Ring* r, Py_ssize_t n):
+    cdef bytes out
+    if n <= 0:
+        return _EMPTY
+    if r.head + n <= r.alloc:
+        return PyBytes_FromStringAndSize(r.buf + r.head, n)
+    out = PyBytes_FromStringAndSize(NULL, n)
+    _ring_copy(r, PyBytes_AS_STRING(out), n)
+    return out
+
+
+cdef inline void _ring_consume(Ring* r, Py_ssize_t n) noexcept:
+    r.size -= n
+    if r.size == 0:
+        _ring_release(r)
+        return
+    r.head += n
+    if r.head >= r.alloc:
+        r.head -= r.alloc
+
+
+cdef inline bytes _ring_take(Ring* r):
+    cdef bytes out = _ring_peek(r, r.size)
+    _ring_release(r)
+    return out
+
+
+# --------------------------------------------------------------------------
+# RingBuffer
+
+
+@cython.final
+@cython.freelist(16)
+cdef class RingBuffer:
+    """One bounded byte buffer: ``RingBuffer(capacity)`` (capacity > 0 bytes)."""
+
+    cdef Ring _r
+    cdef Py_ssize_t _capacity
+
+    def __cinit__(self, capacity):
+        cdef Py_ssize_t cap = _index(capacity)
+        if cap <= 0:
+            raise ValueError(f"capacity must be > 0, not {cap}")
+        self._r.buf = NULL
+        self._r.alloc = 0
+        self._r.head = 0
+        self._r.size = 0
+        self._capacity = cap
+
+    def __dealloc__(self):
+        _ring_release(&self._r)
+
+    def __len__(self):
+        return self._r.size
+
+    def __repr__(self):
+        return (f"<RingBuffer len={self._r.size} capacity={self._capacity}"
+                f" allocated={self._r.alloc}>")
+
+    @property
+    def capacity(self):
+        """Maximum pending bytes."""
+        return self._capacity
+
+    @property
+    def allocated(self):
+        """Bytes of storage held (0 when empty)."""
+        return self._r.alloc
+
+    cdef inline bint _append(self, const char* p, Py_ssize_t n) except -1:
+        if n > self._capacity - self._r.size:
+            return False
+        if n > 0:
+            _ring_write(&self._r, p, n, self._capacity)
+        return True
+
+    def append(self, data):
+        """Append all of ``data`` and return True, or nothing and return False
+        when ``len(self) + len(data) > capacity``."""
+        cdef Py_buffer view
+        if type(data) is bytes:
+            return self._append(PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data))
+        PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
+        try:
+            return self._append(<const char*>view.buf, view.len)
+        finally:
+            PyBuffer_Release(&view)
+
+    def peek(self, Py_ssize_t n=-1):
+        """The first ``n`` pending bytes (all when n < 0), not consumed."""
+        if n < 0 or n > self._r.size:
+            n = self._r.size
+        return _ring_peek(&self._r, n)
+
+    def consume(self, Py_ssize_t n):
+        """Drop the first ``n`` pending bytes (ValueError if n < 0 or n > len)."""
+        if n < 0 or n > self._r.size:
+            raise ValueError(f"cannot consume {n} of {self._r.size} pending bytes")
+        if n > 0:
+            _ring_consume(&self._r, n)
+
+    def take(self):
+        """All pending bytes; the buffer is then empty (storage released)."""
+        return _ring_take(&self._r)
+
+    def clear(self):
+        """Drop all pending bytes and release the storage."""
+        _ring_release(&self._r)
+
+
+# --------------------------------------------------------------------------
+# OutboundTable
+
+ctypedef struct Entry:
+    Ring ring
+    uint32_t cid
+    Py_ssize_t dirty      # position in the dirty array, -1 when clean
+
+ctypedef struct Slot:
+    uint32_t key
+    int32_t idx           # index into entries, -1 when the slot is empty
+
+
+
+cdef inline bint _u32_format(Py_buffer* view) noexcept:
+    """True for a 1-D buffer of native-order 4-byte unsigned ints."""
+    cdef const char* f = view.format
+    if view.ndim != 1 or view.itemsize != 4 or f == NULL:
+        return False
+    if f[0] == b'@' or f[0] == b'=':
+        f += 1
+    elif f[0] == b'<':
+        if not _LITTLE_ENDIAN:
+            return False
+        f += 1
+    elif f[0] == b'>' or f[0] == b'!':
+        if _LITTLE_ENDIAN:
+            return False
+        f += 1
+    return (f[0] == b'I' or f[0] == b'L') and f[1] == 0
+
+
+
+cdef inline int64_t _as_cid(object cid) except -2:
+    """cid as a C integer; -1 when it is an int outside [0, 2**32)."""
+    cdef long long v
+    if type(cid) is not int:
+        cid = PyNumber_Index(cid)  # TypeError for floats, str, ...
+    try:
+        v = cid
+    except OverflowError:
+        return -1
+    if v < 0 or v > 0xFFFFFFFF:
+        return -1
+    return v
+
+
+@cython.final
+cdef class OutboundTable:
+    """One bounded ring buffer per open connection: ``OutboundTable(capacity)``."""
+
+    cdef Entry* _entries
+    cdef Py_ssize_t _n
+    cdef Py_ssize_t _ecap
+    cdef Slot* _slots
+    cdef uint32_t _mask
+    cdef int _shift
+    cdef int64_t* _dirty
+    cdef Py_ssize_t _ndirty
+    cdef Py_ssize_t _dcap
+    cdef Py_ssize_t _capacity
+    cdef Py_ssize_t _total
+
+    def __cinit__(self, capacity):
+        cdef Py_ssize_t cap = _index(capacity)
+        if cap <= 0:
+            raise ValueError(f"capacity must be > 0, not {cap}")
+        self._capacity = cap
+        self._entries = NULL
+        self._slots = NULL
+        self._dirty = NULL
+        self._n = self._ecap = self._ndirty = self._dcap = self._total = 0
+        self._rehash(_MIN_SLOTS_LOG2)
+
+    def __dealloc__(self):
+        cdef Py_ssize_t i
+        if self._entries != NULL:
+            for i in range(self._n):
+                _ring_release(&self._entries[i].ring)
+            PyMem_Free(self._entries)
+        PyMem_Free(self._slots)
+        PyMem_Free(self._dirty)
+
+    # -- the hash (open addressing, linear probing, backward-shift delete) --
+
+    cdef inline uint32_t _home(self, uint32_t cid) noexcept nogil:
+        return <uint32_t>(cid * <uint32_t>2654435769U) >> self._shift
+
+    cdef inline Py_ssize_t _slot_of(self, uint32_t cid) noexcept nogil:
+        cdef uint32_t h = self._home(cid)
+        cdef Slot* s
+        while True:
+            s = &self._slots[h]
+            if s.idx < 0:
+                return -1
+            if s.key == cid:
+                return h
+            h = (h + 1) & self._mask
+
+    cdef inline Entry* _find(self, uint32_t cid) noexcept nogil:
+        cdef uint32_t h = self._home(cid)
+        cdef Slot* s
+        while True:
+            s = &self._slots[h]
+            if s.idx < 0:
+                return NULL
+            if s.key == cid:
+                return &self._entries[s.idx]
+            h = (h + 1) & self._mask
+
+    cdef int _rehash(self, int log2) except -1:
+        cdef Py_ssize_t nslots = (<Py_ssize_t>1) << log2
+        cdef Slot* slots = <Slot*>PyMem_Malloc(<size_t>nslots * sizeof(Slot))
+        cdef Py_ssize_t i
+        cdef uint32_t h
+        if slots == NULL:
+            raise MemoryError()
+        for i in range(nslots):
+            slots[i].idx = -1
+        PyMem_Free(self._slots)
+        self._slots = slots
+        self._mask = <uint32_t>(nslots - 1)
+        self._shift = 32 - log2
+        for i in range(self._n):
+            h = self._home(self._entries[i].cid)
+            while slots[h].idx >= 0:
+                h = (h + 1) & self._mask
+            slots[h].key = self._entries[i].cid
+            slots[h].idx = <int32_t>i
+        return 0
+
+    cdef int _log2_for(self, Py_ssize_t n) noexcept:
+        """Smallest table keeping the load at most 1/2 for n entries."""
+        cdef int log2 = _MIN_SLOTS_LOG2
+        while ((<Py_ssize_t>1) << log2) < 2 * n:
+            log2 += 1
+        return log2
+
+    cdef int _delete_slot(self, uint32_t i) noexcept nogil:
+        cdef uint32_t j = i
+        cdef uint32_t k
+        self._slots[i].idx = -1
+        while True:
+            j = (j + 1) & self._mask
+            if self._slots[j].idx < 0:
+                return 0
+            k = self._home(self._slots[j].key)
+            # Leave slot j where it is when its home lies cyclically in (i, j].
+            if i <= j:
+                if i < k and k <= j:
+                    continue
+            elif i < k or k <= j:
+                continue
+            self._slots[i] = self._slots[j]
+            self._slots[j].idx = -1
+            i = j
+
+    # -- dirty ids --
+
+    cdef inline int _mark_dirty(self, Entry* e) except -1:
+        cdef int64_t* nd
+        cdef Py_ssize_t ncap
+        if e.dirty >= 0:
+            return 0
+        if self._ndirty == self._dcap:
+            ncap = self._dcap * 2 if self._dcap else _MIN_DIRTY
+            nd = <int64_t*>PyMem_Realloc(self._dirty, <size_t>ncap * sizeof(int64_t))
+            if nd == NULL:
+                raise MemoryError()
+            self._dirty = nd
+            self._dcap = ncap
+        self._dirty[self._ndirty] = e.cid
+        e.dirty = self._ndirty
+        self._ndirty += 1
+        return 0
+
+    cdef inline Entry* _get(self, object cid) except? NULL:
+        cdef int64_t c = _as_cid(cid)
+        cdef Entry* e = NULL
+        if c >= 0:
+            e = self._find(<uint32_t>c)
+        if e == NULL:
+            raise KeyError(cid)
+        return e
+
+    cdef inline int _append_to(self, Entry* e, const char* p, Py_ssize_t n) except -1:
+        """1 written (or n == 0), 0 refused (would overflow)."""
+        if n > self._capacity - e.ring.size:
+            return 0
+        if n > 0:
+            _ring_write(&e.ring, p, n, self._capacity)
+            self._total += n
+            self._mark_dirty(e)
+        return 1
+
+    # -- API --
+
+    def __len__(self):
+        return self._n
+
+    def __repr__(self):
+        return (f"<OutboundTable open={self._n} total_pending={self._total}"
+                f" capacity={self._capacity}>")
+
+    @property
+    def capacity(self):
+        """Maximum pending bytes per connection."""
+        return self._capacity
+
+    @property
+    def total_pending(self):
+        """Pending bytes over all open connections."""
+        return self._total
+
+    def open(self, cid):
+        """Start buffering for ``cid`` (ValueError if already open)."""
+        cdef int64_t c = _as_cid(cid)
+        cdef uint32_t h
+        cdef Entry* ne
+        cdef Entry* e
+        cdef Py_ssize_t ncap
+        if c < 0:
+            raise ValueError(f"conn id {cid!r} is outside [0, 2**32)")
+        if self._find(<uint32_t>c) != NULL:
+            raise ValueError(f"conn id {cid!r} is already open")
+        if self._n >= _MAX_OPEN:
+            raise OverflowError("too many open connections")
+        if self._n == self._ecap:
+            ncap = self._ecap * 2 if self._ecap else _MIN_ENTRIES
+            ne = <Entry*>PyMem_Realloc(self._entries, <size_t>ncap * sizeof(Entry))
+            if ne == NULL:
+                raise MemoryError()
+            self._entries = ne
+            self._ecap = ncap
+        if 2 * (self._n + 1) > <Py_ssize_t>self._mask + 1:
+            self._rehash(self._log2_for(self._n + 1))
+        e = &self._entries[self._n]
+        e.ring.buf = NULL
+        e.ring.alloc = e.ring.head = e.ring.size = 0
+        e.cid = <uint32_t>c
+        e.dirty = -1
+        h = self._home(<uint32_t>c)
+        while self._slots[h].idx >= 0:
+            h = (h + 1) & self._mask
+        self._slots[h].key = <uint32_t>c
+        self._slots[h].idx = <int32_t>self._n
+        self._n += 1
+
+    def close(self, cid):
+        """Stop buffering for ``cid``, dropping its pending bytes (no error if unknown)."""
+        cdef int64_t c = _as_cid(cid)
+        cdef Py_ssize_t pos, idx, last
+        cdef Entry* e
+        cdef Entry* ne
+        if c < 0:
+            return
+        pos = self._slot_of(<uint32_t>c)
+        if pos < 0:
+            return
+        idx = self._slots[pos].idx
+        e = &self._entries[idx]
+        self._total -= e.ring.size
+        _ring_release(&e.ring)
+        if e.dirty >= 0:
+            self._dirty[e.dirty] = -1
+        self._delete_slot(<uint32_t>pos)
+        last = self._n - 1
+        if idx != last:
+            self._entries[idx] = self._entries[last]
+            pos = self._slot_of(self._entries[idx].cid)
+            self._slots[pos].idx = <int32_t>idx
+        self._n = last
+        # Give memory back after a mass close (hysteresis: shrink at 1/8).
+        if self._mask + 1 > (1 << _MIN_SLOTS_LOG2) and 8 * self._n < <Py_ssize_t>self._mask + 1:
+            self._rehash(self._log2_for(2 * self._n))
+        if self._ecap > _MIN_ENTRIES and 4 * self._n < self._ecap:
+            ne = <Entry*>PyMem_Realloc(self._entries, <size_t>(self._ecap // 2) * sizeof(Entry))
+            if ne != NULL:
+                self._entries = ne
+                self._ecap //= 2
+
+    def is_open(self, cid):
+        cdef int64_t c = _as_cid(cid)
+        return c >= 0 and self._find(<uint32_t>c) != NULL
+
+    def append(self, cid, data):
+        """Append all of ``data`` to ``cid``'s buffer (True) or nothing when it
+        would overflow (False). KeyError if ``cid`` is not open."""
+        cdef Entry* e = self._get(cid)
+        cdef Py_buffer view
+        if type(data) is bytes:
+            return self._append_to(e, PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data)) == 1
+        PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
+        try:
+            return self._append_to(e, <const char*>view.buf, view.len) == 1
+        finally:
+            PyBuffer_Release(&view)
+
+    cdef list _append_u32(self, Py_buffer* ids, const char* p, Py_ssize_t n):
+        cdef list overflow = []
+        cdef Py_ssize_t i
+        cdef Py_ssize_t count = ids.shape[0]
+        cdef Py_ssize_t stride = ids.strides[0] if ids.strides != NULL else 4
+        cdef const char* at = <const char*>ids.buf
+        cdef uint32_t cid
+        cdef Entry* e
+        cdef Py_ssize_t cap = self._capacity
+        if n == 0:
+            return overflow
+        for i in range(count):
+            cid = (<const uint32_t*>at)[0]
+            at += stride
+            e = self._find(cid)
+            if e == NULL:
+                continue
+            if n > cap - e.ring.size:
+                overflow.append(cid)
+                continue
+            _ring_write(&e.ring, p, n, cap)
+            self._total += n
+            if e.dirty < 0:
+                self._mark_dirty(e)
+        return overflow
+
+    cdef list _append_objects(self, object cids, const char* p, Py_ssize_t n):
+        cdef list overflow = []
+        cdef int64_t c
+        cdef Entry* e
+        for cid in cids:
+            c = _as_cid(cid)
+            if c < 0:
+                continue
+            e = self._find(<uint32_t>c)
+            if e == NULL:
+                continue
+            if self._append_to(e, p, n) == 0:
+                overflow.append(c)
+        return overflow
+
+    cdef list _append_many(self, object cids, const char* p, Py_ssize_t n):
+        cdef Py_buffer ids
+        if type(cids) is not list and type(cids) is not tuple and PyObject_CheckBuffer(cids):
+            PyObject_GetBuffer(cids, &ids, PyBUF_FORMAT | PyBUF_STRIDES)
+            try:
+                if _u32_format(&ids):
+                    return self._append_u32(&ids, p, n)
+            finally:
+                PyBuffer_Release(&ids)
+        return self._append_objects(cids, p, n)
+
+    def append_many(self, cids, data):
+        """Append ``data`` to every open id of ``cids`` (a uint32 buffer or a
+        sequence of ints; ids not open are skipped). Returns the ids whose
+        buffer would overflow: nothing was written to them."""
+        cdef Py_buffer view
+        if type(data) is bytes:
+            return self._append_many(cids, PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data))
+        PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
+        try:
+            return self._append_many(cids, <const char*>view.buf, view.len)
+        finally:
+            PyBuffer_Release(&view)
+
+    def pending(self, cid):
+        """Pending bytes of ``cid`` (KeyError if not open)."""
+        return self._get(cid).ring.size
+
+    def take(self, cid):
+        """All pending bytes of ``cid``, which is then empty (KeyError if not open)."""
+        cdef Entry* e = self._get(cid)
+        self._total -= e.ring.size
+        return _ring_take(&e.ring)
+
+    def take_dirty(self):
+        """Ids that received bytes since the last call, each once, in
+        first-dirtied order; closed ones excluded."""
+        cdef list out = []
+        cdef Py_ssize_t i
+        cdef int64_t c
+        cdef Entry* e
+        for i in range(self._ndirty):
+            c = self._dirty[i]
+            if c < 0:
+                continue
+            e = self._find(<uint32_t>c)
+            if e != NULL:
+                e.dirty = -1
+                out.append(c)
+        self._ndirty = 0
+        if self._dcap > 4096 and 4 * len(out) < self._dcap:
+            PyMem_Free(self._dirty)
+            self._dirty = NULL
+            self._dcap = 0
+        return out

@@ -1,0 +1,274 @@
+"""Bounded per-connection byte buffers for the outbound path (pure twin).
+
+Same names and behaviour as the compiled ``ringbuf`` (see its docstring and
+docs/architecture.md). Storage is a bytearray; ``RingBuffer.allocated``
+reports the storage the compiled ring would hold under the same policy
+(``MIN_ALLOC`` on the first append, doubled up to the capacity, 0 once
+drained), so both implementations report identical numbers.
+"""
+from __future__ import annotations
+
+import sys
+from array import array
+from operator import index as _index
+from typing import Iterable, Union
+
+__all__ = ["RingBuffer", "OutboundTable", "MIN_ALLOC"]
+
+MIN_ALLOC = 64
+
+_U32_MAX = 0xFFFFFFFF
+# 1-D buffers of native-order 4-byte unsigned ints are read as ids directly
+# (array('I'), uint32 memoryviews, ...); the compiled module accepts the same.
+_NATIVE = "<" if sys.byteorder == "little" else ">!"
+_U32_PREFIXES = frozenset(("", "@", "=", *_NATIVE))
+
+Buffer = Union[bytes, bytearray, memoryview]
+
+
+def _ssize(n: object) -> int:
+    """n as an int that fits a C Py_ssize_t (OverflowError otherwise)."""
+    n = _index(n)
+    if not -sys.maxsize - 1 <= n <= sys.maxsize:
+        raise OverflowError(f"{n} does not fit a C ssize_t")
+    return n
+
+
+def _capacity(capacity: object) -> int:
+    cap = _ssize(capacity)
+    if cap <= 0:
+        raise ValueError(f"capacity must be > 0, not {cap}")
+    return cap
+
+
+def _nbytes(data: Buffer) -> int:
+    if type(data) is bytes or type(data) is bytearray:
+        return len(data)
+    with memoryview(data) as view:
+        if not view.c_contiguous:
+            raise BufferError("data must be a C-contiguous buffer")
+        return view.nbytes
+
+
+def _grown(alloc: int, need: int, cap: int) -> int:
+    a = alloc if alloc > 0 else MIN_ALLOC
+    while a < need:
+        if a > (cap >> 1):
+            return cap
+        a <<= 1
+    return a if a < cap else cap
+
+
+def _cid_or_none(cid: object) -> int | None:
+    cid = _index(cid)
+    return cid if 0 <= cid <= _U32_MAX else None
+
+
+class RingBuffer:
+    """One bounded byte buffer: ``RingBuffer(capacity)`` (capacity > 0 bytes)."""
+
+    __slots__ = ("_buf", "_capacity", "_allocated")
+
+    def __init__(self, capacity: int) -> None:
+        self._capacity = _capacity(capacity)
+        self._buf = bytearray()
+        self._allocated = 0
+
+    def __len__(self) -> int:
+        return len(self._buf)
+
+    def __repr__(self) -> str:
+        return (f"<RingBuffer len={len(self._buf)} capacity={self._capacity}"
+                f" allocated={self._allocated}>")
+
+    @property
+    def capacity(self) -> int:
+        """Maximum pending bytes."""
+        return self._capacity
+
+    @property
+    def allocated(self) -> int:
+        """Bytes of storage held (0 when empty)."""
+        return self._allocated
+
+    def append(self, data: Buffer) -> bool:
+        """Append all of ``data`` and return True, or nothing and return False
+        when ``len(self) + len(data) > capacity``."""
+        n = _nbytes(data)
+        size = len(self._buf)
+        if n > self._capacity - size:
+            return False
+        if n:
+            if size + n > self._allocated:
+                self._allocated = _grown(self._allocated, size + n, self._capacity)
+            self._buf += data
+        return True
+
+    def peek(self, n: int = -1) -> bytes:
+        """The first ``n`` pending bytes (all when n < 0), not consumed."""
+        n = _ssize(n)
+        if n < 0 or n >= len(self._buf):
+            return bytes(self._buf)
+        return bytes(self._buf[:n])
+
+    def consume(self, n: int) -> None:
+        """Drop the first ``n`` pending bytes (ValueError if n < 0 or n > len)."""
+        n = _ssize(n)
+        size = len(self._buf)
+        if n < 0 or n > size:
+            raise ValueError(f"cannot consume {n} of {size} pending bytes")
+        if n == size:
+            self.clear()
+        elif n:
+            del self._buf[:n]
+
+    def take(self) -> bytes:
+        """All pending bytes; the buffer is then empty (storage released)."""
+        data = bytes(self._buf)
+        self.clear()
+        return data
+
+    def clear(self) -> None:
+        """Drop all pending bytes and release the storage."""
+        self._buf = bytearray()
+        self._allocated = 0
+
+
+def _u32_ids(cids: object) -> Iterable[int] | None:
+    """The ids of a 1-D uint32 buffer, or None when cids is not one."""
+    try:
+        view = memoryview(cids)  # type: ignore[arg-type]
+    except TypeError:
+        return None
+    with view:
+        fmt = view.format
+        if (view.ndim != 1 or view.itemsize != 4 or fmt[-1:] not in ("I", "L")
+                or fmt[:-1] not in _U32_PREFIXES):
+            return None
+        ids = array("I")
+        ids.frombytes(view.tobytes())
+        return ids
+
+
+class OutboundTable:
+    """One bounded buffer per open connection: ``OutboundTable(capacity)``."""
+
+    __slots__ = ("_bufs", "_dirty", "_capacity", "_total")
+
+    def __init__(self, capacity: int) -> None:
+        self._capacity = _capacity(capacity)
+        self._bufs: dict[int, bytearray] = {}
+        self._dirty: dict[int, None] = {}  # insertion order = first-dirtied order
+        self._total = 0
+
+    def __len__(self) -> int:
+        return len(self._bufs)
+
+    def __repr__(self) -> str:
+        return (f"<OutboundTable open={len(self._bufs)} total_pending={self._total}"
+                f" capacity={self._capacity}>")
+
+    @property
+    def capacity(self) -> int:
+        """Maximum pending bytes per connection."""
+        return self._capacity
+
+    @property
+    def total_pending(self) -> int:
+        """Pending bytes over all open connections."""
+        return self._total
+
+    def open(self, cid: int) -> None:
+        """Start buffering for ``cid`` (ValueError if already open)."""
+        c = _cid_or_none(cid)
+        if c is None:
+            raise ValueError(f"conn id {cid!r} is outside [0, 2**32)")
+        if c in self._bufs:
+            raise ValueError(f"conn id {cid!r} is already open")
+        self._bufs[c] = bytearray()
+
+    def close(self, cid: int) -> None:
+        """Stop buffering for ``cid``, dropping its pending bytes (no error if unknown)."""
+        cid = _index(cid)
+        buf = self._bufs.pop(cid, None)
+        if buf is not None:
+            self._total -= len(buf)
+            self._dirty.pop(cid, None)
+
+    def is_open(self, cid: int) -> bool:
+        return _index(cid) in self._bufs
+
+    def _get(self, cid: int) -> bytearray:
+        buf = self._bufs.get(_index(cid))
+        if buf is None:
+            raise KeyError(cid)
+        return buf
+
+    def append(self, cid: int, data: Buffer) -> bool:
+        """Append all of ``data`` to ``cid``'s buffer (True) or nothing when it
+        would overflow (False). KeyError if ``cid`` is not open."""
+        buf = self._get(cid)
+        n = _nbytes(data)
+        if n > self._capacity - len(buf):
+            return False
+        if n:
+            buf += data
+            self._total += n
+            cid = _index(cid)
+            if cid not in self._dirty:
+                self._dirty[cid] = None
+        return True
+
+    def append_many(self, cids: object, data: Buffer) -> list[int]:
+        """Append ``data`` to every open id of ``cids`` (a uint32 buffer or a
+        sequence of ints; ids not open are skipped). Returns the ids whose
+        buffer would overflow: nothing was written to them."""
+        n = _nbytes(data)
+        ids = None
+        if type(cids) is not list and type(cids) is not tuple:
+            ids = _u32_ids(cids)
+        if ids is None:
+            ids = map(_index, cids)  # type: ignore[call-overload]
+        overflow: list[int] = []
+        if n == 0:
+            for _ in ids:  # same errors (non-int ids) as a real pass
+                pass
+            return overflow
+        get = self._bufs.get
+        dirty = self._dirty
+        room = self._capacity - n
+        written = 0
+        for cid in ids:
+            buf = get(cid)
+            if buf is None:
+                continue
+            if len(buf) > room:
+                overflow.append(cid)
+                continue
+            buf += data
+            written += 1
+            if cid not in dirty:
+                dirty[cid] = None
+        self._total += written * n
+        return overflow
+
+    def pending(self, cid: int) -> int:
+        """Pending bytes of ``cid`` (KeyError if not open)."""
+        return len(self._get(cid))
+
+    def take(self, cid: int) -> bytes:
+        """All pending bytes of ``cid``, which is then empty (KeyError if not open)."""
+        buf = self._get(cid)
+        if not buf:
+            return b""
+        data = bytes(buf)
+        self._total -= len(data)
+        self._bufs[_index(cid)] = bytearray()
+        return data
+
+    def take_dirty(self) -> list[int]:
+        """Ids that received bytes since the last call, each once, in
+        first-dirtied order; closed ones excluded."""
+        ids = list(self._dirty)
+        self._dirty.clear()
+        return ids
