@@ -213,6 +213,7 @@ class _ResponseReader:
         self.headers_done = False
         self.complete = False
         self.length_known = False
+        self.keep_alive = False
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if name.lower() in (b"content-length", b"transfer-encoding"):
@@ -220,6 +221,8 @@ class _ResponseReader:
 
     def on_headers_complete(self) -> None:
         self.headers_done = True
+        # Asked here: after the message the parser no longer knows.
+        self.keep_alive = self.parser.should_keep_alive()
 
     def on_body(self, body: bytes) -> None:
         self.body += body
@@ -322,7 +325,7 @@ class AsyncPublisher(_Api):
                 if response.headers_done and not response.length_known:
                     break  # body delimited by the end of the connection
                 raise ConnectionResetError("connection closed in the middle of a response")
-        keep_alive = response.complete and response.parser.should_keep_alive()
+        keep_alive = response.complete and response.keep_alive
         return response.parser.get_status_code(), bytes(response.body), keep_alive
 
 
