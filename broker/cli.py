@@ -8,7 +8,6 @@ the same message.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import sys
 from typing import Any, NoReturn
@@ -80,8 +79,6 @@ def serve(ctx: click.Context, config_file: str | None, **values: Any) -> None:
         config = load_config(config_file, os.environ, given)
     except ConfigError as exc:
         _fail(exc.key, exc.message)
-    logging.basicConfig(level=config.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")
     from broker.server import serve as run_server  # lazy: the CLI's other commands stay light
 
     try:

@@ -723,7 +723,7 @@ class Client:
         sub.active = True
         if not recovering:
             sub.epoch, sub.offset = epoch, offset
-        elif reply.get("recovered") is True:
+        elif reply.get("recovered") is True and epoch == sub.epoch:
             pass  # the missed publications follow, from sub.offset + 1
         else:
             sub.epoch, sub.offset = epoch, offset
