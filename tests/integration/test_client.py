@@ -388,3 +388,34 @@ def test_no_reconnect_mode_fails_commands():
                 await client.ping()
             await client.close()
     run(main())
+
+
+# -- the CLI's API commands against the real broker ---------------------------------
+
+def test_cli_publish_and_stats(broker):
+    import os
+    import subprocess
+    import sys
+
+    def cli(*args: str, **env: str) -> subprocess.CompletedProcess:
+        clean = {k: v for k, v in os.environ.items() if not k.startswith("BROKER_")}
+        return subprocess.run([sys.executable, "-m", "broker", *args], env={**clean, **env},
+                              capture_output=True, text=True, timeout=15)
+
+    result = cli("publish", "--url", broker.url, "--api-key", broker.api_key, "bill:3", '{"a": [1, 2]}')
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == {"channel": "bill:3", "epoch": json.loads(result.stdout)["epoch"],
+                                         "offset": 1}
+    result = cli("publish", "bill:3", "2", BROKER_URL=broker.url, BROKER_API_KEY=broker.api_key)
+    assert result.returncode == 0 and json.loads(result.stdout)["offset"] == 2
+    result = cli("publish", "--url", broker.url, "--api-key", "wrong", "bill:3", "{}")
+    assert result.returncode == 1
+    assert "error" in json.loads(result.stderr)
+    result = cli("stats", "--url", broker.url, "--api-key", broker.api_key)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("node ") and "published 2" in lines[1]
+    assert lines[3].split()[:3] == ["shard", "pid", "up"]
+    assert lines[4].split()[0] == "0" and lines[4].split()[2] == "yes"
+    result = cli("stats", "--json", "--url", broker.url, "--api-key", broker.api_key)
+    assert json.loads(result.stdout)["published"] == 2
