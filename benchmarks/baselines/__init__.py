@@ -1,0 +1,1 @@
+"""Minimal baseline servers for ``broker bench --compare`` (run as scripts)."""
