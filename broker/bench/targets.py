@@ -1,0 +1,241 @@
+"""The servers under load: the broker (spawned or already running) and the
+baselines of benchmarks/baselines/, plus their process tree's CPU and RSS
+(psutil, summed over the server pid and its children).
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import psutil
+
+from broker.testing import BrokerProcess, free_port
+
+__all__ = ["Target", "ProcessTree", "spawn_broker", "spawn_baseline", "attach", "BASELINES", "baselines_dir"]
+
+BASELINES = ("picows", "websockets")
+
+
+def baselines_dir() -> Path:
+    """benchmarks/baselines/ of the source tree this package runs from."""
+    here = Path(__file__).resolve().parent.parent.parent / "benchmarks" / "baselines"
+    return Path(os.environ.get("BROKER_BENCH_BASELINES", here))
+
+
+class ProcessTree:
+    """CPU-seconds and RSS of a root pid and all its descendants."""
+
+    def __init__(self, pid: int) -> None:
+        self.root = psutil.Process(pid)
+        self._procs: dict[int, psutil.Process] = {pid: self.root}
+        self._dead_cpu = 0.0
+        self._last_cpu: dict[int, float] = {}
+
+    def processes(self) -> list[psutil.Process]:
+        try:
+            children = self.root.children(recursive=True)
+        except psutil.Error:
+            children = []
+        for child in children:
+            self._procs.setdefault(child.pid, child)
+        return list(self._procs.values())
+
+    def cpu_seconds(self) -> float:
+        """user+system of every process of the tree (a process that exited keeps
+        the last value seen for it)."""
+        total = 0.0
+        for proc in self.processes():
+            try:
+                times = proc.cpu_times()
+                value = times.user + times.system
+                self._last_cpu[proc.pid] = value
+            except psutil.Error:
+                value = self._last_cpu.get(proc.pid, 0.0)
+            total += value
+        return total
+
+    def rss_bytes(self) -> int:
+        total = 0
+        for proc in self.processes():
+            try:
+                total += proc.memory_info().rss
+            except psutil.Error:
+                pass
+        return total
+
+    def count(self) -> int:
+        return sum(1 for p in self.processes() if p.is_running())
+
+
+class RssSampler(threading.Thread):
+    """Samples a tree's RSS every ``interval`` seconds; ``peak`` since reset()."""
+
+    def __init__(self, tree: ProcessTree, interval: float = 0.2) -> None:
+        super().__init__(daemon=True, name="rss-sampler")
+        self.tree = tree
+        self.interval = interval
+        self.peak = 0
+        self._stop = threading.Event()
+
+    def reset(self) -> None:
+        self.peak = self.tree.rss_bytes()
+
+    def run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.peak = max(self.peak, self.tree.rss_bytes())
+            except Exception:  # noqa: BLE001 - a sampler must not kill the run
+                pass
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+@dataclass
+class Target:
+    """One server under test."""
+
+    name: str
+    ws_url: str
+    http_url: str
+    pid: int
+    spawned: Any = None          # BrokerProcess | subprocess.Popen | None
+    tree: ProcessTree = field(init=False)
+    log_path: str | None = None
+
+    def __post_init__(self) -> None:
+        self.tree = ProcessTree(self.pid)
+
+    def alive(self) -> bool:
+        try:
+            return self.tree.root.is_running() and self.tree.root.status() != psutil.STATUS_ZOMBIE
+        except psutil.Error:
+            return False
+
+    def stop(self) -> int | None:
+        """Stop the server if this run started it (SIGTERM, then SIGKILL after 20 s)."""
+        spawned, self.spawned = self.spawned, None
+        if spawned is None:
+            return None
+        if isinstance(spawned, BrokerProcess):
+            try:
+                return spawned.stop(timeout=20)
+            except subprocess.TimeoutExpired:
+                return -9
+        proc: subprocess.Popen = spawned
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+        return proc.returncode
+
+
+def _ready(http_url: str, path: str = "/readyz") -> bool:
+    try:
+        with urllib.request.urlopen(http_url + path, timeout=1.0) as response:
+            return response.status == 200
+    except (urllib.error.URLError, OSError, ValueError):
+        return False
+
+
+def spawn_broker(shards: int = 1, api_key: str = "bench-key", jwt_secret: str = "bench-secret",
+                 log_path: str | None = None, extra: list[str] | None = None, timeout: float = 30.0) -> Target:
+    """Start ``broker serve`` on a free port and wait for /readyz."""
+    proc = BrokerProcess(args=["--allow-anonymous", "--shards", str(shards), "--log-level", "warning",
+                               *(extra or [])],
+                         api_key=api_key, jwt_secret=jwt_secret, log_path=log_path)
+    try:
+        proc.start(timeout=timeout)
+    except BaseException:
+        proc.stop(signal.SIGKILL, timeout=5)
+        raise
+    assert proc.process is not None
+    return Target("broker", proc.ws_url, proc.url, proc.process.pid, spawned=proc, log_path=log_path)
+
+
+def spawn_baseline(kind: str, log_path: str | None = None, timeout: float = 20.0) -> Target:
+    """Start benchmarks/baselines/<kind>_server.py on free ports (WebSocket
+    and HTTP) and wait for its /readyz."""
+    if kind not in BASELINES:
+        raise ValueError(f"unknown baseline {kind!r} (one of {', '.join(BASELINES)})")
+    script = baselines_dir() / f"{kind}_server.py"
+    if not script.exists():
+        raise FileNotFoundError(f"{script} not found (run from a source checkout, or set BROKER_BENCH_BASELINES)")
+    ws_port, http_port = free_port(), free_port()
+    while http_port == ws_port:
+        http_port = free_port()
+    log = open(log_path, "wb") if log_path else subprocess.DEVNULL
+    proc = subprocess.Popen([sys.executable, str(script), "--host", "127.0.0.1", "--port", str(ws_port),
+                             "--http-port", str(http_port)],
+                            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    http_url = f"http://127.0.0.1:{http_port}"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"baseline {kind} exited early with {proc.returncode}"
+                               + (f" (log: {log_path})" if log_path else ""))
+        if _ready(http_url):
+            return Target(kind, f"ws://127.0.0.1:{ws_port}/ws", http_url, proc.pid, spawned=proc, log_path=log_path)
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait(5)
+    raise TimeoutError(f"baseline {kind} not ready after {timeout}s")
+
+
+def _listening_pid(port: int) -> int | None:
+    try:
+        for conn in psutil.net_connections(kind="tcp"):
+            if conn.status == psutil.CONN_LISTEN and conn.laddr and conn.laddr.port == port and conn.pid:
+                return conn.pid
+    except (psutil.AccessDenied, PermissionError):
+        return None
+    return None
+
+
+def _serve_root(pid: int) -> int:
+    """Climb from a listening shard to the ``broker serve`` process that owns it."""
+    proc = psutil.Process(pid)
+    while True:
+        parent = proc.parent()
+        if parent is None:
+            return proc.pid
+        try:
+            cmdline = " ".join(parent.cmdline())
+        except psutil.Error:
+            return proc.pid
+        if "broker" in cmdline and "serve" in cmdline:
+            proc = parent
+        else:
+            return proc.pid
+
+
+def attach(url: str, http_url: str | None = None, pid: int | None = None, name: str = "broker") -> Target:
+    """A server already running at ``url`` (the runner does not stop it). Its
+    pid is ``pid`` or the process listening on the URL's port."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "ws") or not parts.hostname:
+        raise ValueError(f"--url must be http://HOST:PORT, not {url!r}")
+    port = parts.port or 80
+    http_url = (http_url or f"http://{parts.hostname}:{port}").rstrip("/")
+    ws_url = f"ws://{parts.hostname}:{port}/ws"
+    if not _ready(http_url):
+        raise RuntimeError(f"{http_url}/readyz does not answer 200")
+    if pid is None:
+        found = _listening_pid(port)
+        if found is None:
+            raise RuntimeError(f"no process found listening on port {port}; pass --pid")
+        pid = _serve_root(found)
+    return Target(name, ws_url, http_url, pid)
