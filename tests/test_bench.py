@@ -1,0 +1,249 @@
+"""Unit tests of the load runner's pure parts (broker.bench): percentiles,
+offset/gap counting, the receivers' per-frame accounting, result records,
+tables, ratios, workload overrides and the CLI's surface."""
+from __future__ import annotations
+
+import json
+from array import array
+
+import pytest
+from click.testing import CliRunner
+
+from broker.bench import stats
+from broker.bench.cli import bench
+from broker.bench.runner import WORKLOADS, workload
+from broker.bench.worker import FANOUT_CHANNEL, Receiver, channel_of, publication_body
+
+# -- percentiles -------------------------------------------------------------------------
+
+
+def test_percentiles_nearest_rank():
+    values = list(range(1, 101))           # 1..100
+    assert stats.percentiles(values, [50, 90, 99, 100]) == [50, 90, 99, 100]
+    assert stats.percentiles(values, [0]) == [1]
+
+
+def test_percentiles_small_and_unsorted():
+    assert stats.percentiles([5, 1, 3], [50]) == [3]
+    assert stats.percentiles([5, 1, 3], [99, 100]) == [5, 5]
+    assert stats.percentiles([7], [50, 99]) == [7, 7]
+
+
+def test_percentiles_empty_and_bad_q():
+    assert stats.percentiles([], [50, 99]) == [None, None]
+    with pytest.raises(ValueError):
+        stats.percentiles([1, 2], [101])
+
+
+def test_percentiles_accepts_numpy():
+    np = pytest.importorskip("numpy")
+    arr = np.arange(1000, 0, -1, dtype=np.int64)
+    assert stats.percentiles(arr, [50, 99]) == [500, 990]
+
+
+def test_latency_summary_in_ms():
+    summary = stats.latency_summary([1_000_000, 2_000_000, 3_000_000, 10_000_000])  # ns
+    assert summary == {"latency_samples": 4, "latency_p50_ms": 2.0, "latency_p90_ms": 10.0,
+                       "latency_p99_ms": 10.0, "latency_max_ms": 10.0}
+    assert stats.latency_summary([])["latency_p99_ms"] is None
+
+
+# -- offsets -----------------------------------------------------------------------------
+
+
+def test_offset_stream_counts_gaps_dups_and_expected():
+    s = stats.OffsetStream(start=10)
+    assert [s.feed(o) for o in (11, 12, 12, 15, 16, 14)] == ["ok", "ok", "dup", "gap", "ok", "dup"]
+    assert (s.received, s.duplicates, s.gaps, s.missing, s.last) == (4, 2, 1, 2, 16)
+    assert s.expected(16) == 6
+    assert s.expected(5) == 0
+
+
+def _pub(channel: str, offset: int, ts: int, seq: int = 0) -> bytes:
+    # the broker's own line shape (broker.protocol.pub_line), without the trailing newline
+    return b'{"op":"pub","channel":"%s","offset":%d,"data":{"ts":%d,"seq":%d,"pad":"x"}}' % (
+        channel.encode(), offset, ts, seq)
+
+
+def _subscribed(receiver: Receiver, offset: int) -> None:
+    receiver.feed(b'{"id":1,"op":"subscribed","channel":"%s","epoch":"e","offset":%d}'
+                  % (receiver.channel.encode(), offset), 0)
+
+
+def test_receiver_fast_path_batch_frame():
+    lat = array("q")
+    r = Receiver("bill:1", lat)
+    _subscribed(r, 17)
+    frame = b"\n".join([_pub("bill:1", 18, 1000), _pub("bill:1", 19, 1500), _pub("bill:1", 20, 1900)])
+    r.feed(frame, 2000)
+    assert (r.start, r.last, r.received, r.gaps, r.duplicates) == (17, 20, 3, 0, 0)
+    assert list(lat) == [1000, 500, 100]
+    assert r.report(20) == {"expected": 3, "received": 3, "duplicates": 0, "gaps": 0, "missing": 0,
+                            "unsubscribed": 0, "reconnects": 0, "early": 0}
+
+
+def test_receiver_counts_gaps_duplicates_and_losses():
+    lat = array("q")
+    r = Receiver("user:3", lat)
+    _subscribed(r, 0)
+    for off in (1, 2, 2, 5, 6, 3):
+        r.feed(_pub("user:3", off, 10), 20)
+    assert (r.received, r.duplicates, r.gaps, r.missing) == (4, 2, 1, 2)
+    report = r.report(8)             # publisher saw offsets up to 8: 8 expected, 4 received
+    assert report["expected"] == 8 and report["received"] == 4
+    assert len(lat) == 4             # duplicates are not latency samples
+
+
+def test_receiver_slow_path_other_key_order_and_control_messages():
+    lat = array("q")
+    r = Receiver("bill:9", lat)
+    _subscribed(r, 4)
+    other_order = json.dumps({"channel": "bill:9", "offset": 5, "op": "pub", "data": {"ts": 100}},
+                             separators=(",", ":")).encode()
+    r.feed(other_order + b'\n{"op":"unsubscribed","channel":"bill:9","reason":"x"}\n{"op":"pong"}', 150)
+    assert (r.last, r.received) == (5, 1)
+    assert list(lat) == [50]
+    assert r.unsubscribed == 1 and any("unsubscribed" in e for e in r.errors)
+
+
+def test_receiver_rejects_other_channels_and_bad_json():
+    r = Receiver("bill:1", array("q"))
+    _subscribed(r, 0)
+    r.feed(_pub("bill:2", 1, 0), 1)   # does not match the prefix: slow path, wrong channel
+    r.feed(b"{not json", 1)
+    assert r.received == 0 and len(r.errors) == 2
+
+
+def test_receiver_pub_before_subscribed_is_not_counted():
+    r = Receiver("bill:1", array("q"))
+    r.feed(_pub("bill:1", 1, 0), 1)
+    assert r.received == 0 and r.early == 1
+
+
+def test_receiver_error_reply_fails_ready():
+    import asyncio
+
+    loop = asyncio.new_event_loop()
+    try:
+        ready = loop.create_future()
+        r = Receiver("user:1", array("q"), ready)
+        r.feed(b'{"id":1,"op":"error","code":403,"message":"not yours"}', 0)
+        assert ready.done() and isinstance(ready.exception(), RuntimeError)
+    finally:
+        loop.close()
+
+
+def test_publication_body_is_about_200_bytes_with_ts_first():
+    body = publication_body("bill:1", 12345, 1_700_000_000_000_000_000)
+    msg = json.loads(body)
+    data = json.dumps(msg["data"], separators=(",", ":"))
+    assert 180 <= len(data) <= 230
+    assert data.startswith('{"ts":1700000000000000000,')
+    assert msg["channel"] == "bill:1"
+
+
+# -- workloads -----------------------------------------------------------------------------
+
+
+def test_workload_defaults_match_the_issue():
+    assert WORKLOADS["w1-1k"].fanout_connections == 1000 and WORKLOADS["w1-5k"].fanout_connections == 5000
+    assert WORKLOADS["w1-5k"].fanout_rate == 50 and WORKLOADS["w1-5k"].duration == 15
+    assert WORKLOADS["w2"].user_connections == 5000 and WORKLOADS["w2"].user_rate == 2000
+    assert WORKLOADS["w3"].idle_connections == 5000 and WORKLOADS["w3"].publications == 0
+
+
+def test_workload_overrides():
+    w = workload("w1-5k", connections=50, rate=20, duration=1)
+    assert (w.fanout_connections, w.fanout_rate, w.duration, w.publications) == (50, 20, 1, 20)
+    m = workload("mixed", connections=101, rate=110)
+    assert (m.fanout_connections, m.user_connections) == (50, 51)
+    assert (m.fanout_rate, m.user_rate) == (10, 100)
+
+
+def test_channel_of_splits_fanout_users_idle():
+    spec = {"fanout_connections": 2, "user_connections": 2, "idle_connections": 1}
+    assert [channel_of(spec, i) for i in range(5)] == [FANOUT_CHANNEL, FANOUT_CHANNEL, "user:0", "user:1", None]
+
+
+# -- records, tables, ratios -----------------------------------------------------------------
+
+
+def _record(target: str, **values):
+    r = stats.empty_result(target, "w1-5k")
+    r.update(connections=100, connect_seconds=0.5, publications=10, publish_seconds=1.0,
+             deliveries_expected=1000, deliveries_received=990, server_cpu_seconds=0.01,
+             server_cpu_seconds_connect=0.1, rss_before_bytes=1_000_000, rss_connected_bytes=2_024_000,
+             latency_p99_ms=2.0)
+    r.update(values)
+    return stats.finish_result(r)
+
+
+def test_finish_result_derives_fields_and_keeps_the_shape():
+    r = _record("broker")
+    assert list(r) == list(stats.RESULT_FIELDS)
+    assert r["connect_rate"] == 200.0
+    assert r["deliveries_lost"] == 10
+    assert r["deliveries_per_cpu_second"] == 99000
+    assert r["rss_per_connection_bytes"] == 10240
+    assert r["connections_per_cpu_second"] == 1000
+    json.dumps(r)
+
+
+def test_finish_result_w3_has_no_delivery_rate():
+    r = stats.empty_result("broker", "w3")
+    r.update(connections=10, connect_seconds=1.0)
+    stats.finish_result(r)
+    assert r["deliveries_per_cpu_second"] is None and r["deliveries_lost"] is None
+    assert r["connect_rate"] == 10.0
+
+
+def test_ratios_subject_over_baseline():
+    rows = stats.ratios([_record("broker"), _record("picows", server_cpu_seconds=0.02, latency_p99_ms=4.0),
+                         _record("websockets", connect_seconds=1.0)])
+    assert [row["baseline"] for row in rows] == ["picows", "websockets"]
+    assert rows[0]["deliveries_per_cpu_second"] == 2.0
+    assert rows[0]["latency_p99_ms"] == 0.5
+    assert rows[1]["connect_rate"] == 2.0
+    assert set(rows[0]) == {"workload", "baseline", *stats.RATIO_METRICS}
+
+
+def test_ratios_missing_values_are_none():
+    a = _record("broker")
+    b = stats.finish_result({**stats.empty_result("picows", "w1-5k")})
+    assert stats.ratios([a, b])[0]["deliveries_per_cpu_second"] is None
+
+
+def test_format_table_and_ratios_text():
+    results = [_record("broker"), _record("picows", server_cpu_seconds=0.02)]
+    table = stats.format_table(results)
+    lines = table.splitlines()
+    assert lines[0].split()[:3] == ["workload", "target", "conns"]
+    assert set(lines[1]) <= {"-", " "}
+    assert len(lines) == 4 and "99,000" in lines[2] and "49,500" in lines[3]
+    text = stats.format_ratios(stats.ratios(results))
+    assert "2.00" in text and "picows" in text
+
+
+def test_merge_counts():
+    assert stats.merge_counts([{"a": 1, "b": 2}, {"a": 3}]) == {"a": 4, "b": 2}
+
+
+# -- CLI surface -------------------------------------------------------------------------------
+
+
+def test_cli_help_lists_the_options():
+    result = CliRunner().invoke(bench, ["--help"])
+    assert result.exit_code == 0
+    for option in ("--workload", "--connections", "--rate", "--duration", "--workers", "--url", "--api-key",
+                   "--jwt-secret", "--spawn", "--shards", "--compare", "--json"):
+        assert option in result.output
+
+
+def test_cli_rejects_unknown_workload_and_target():
+    assert CliRunner().invoke(bench, ["--workload", "w9"]).exit_code == 2
+    assert CliRunner().invoke(bench, ["--targets", "nats", "--spawn"]).exit_code == 2
+
+
+def test_cli_w2_against_url_needs_a_secret():
+    result = CliRunner().invoke(bench, ["--workload", "w2", "--url", "http://127.0.0.1:1"], env={"BROKER_JWT_SECRET": ""})
+    assert result.exit_code == 2 and "jwt-secret" in result.output
