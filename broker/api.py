@@ -192,3 +192,10 @@ async def metrics(shard: "Shard", request: Request, match: re.Match[str]) -> Res
 
     body, content_type = render([shard.stats()])
     return Response(200, body, content_type=content_type)
+
+
+@route("GET", "/ws", needs_key=False)
+async def websocket_without_upgrade(shard: "Shard", request: Request, match: re.Match[str]) -> Response:
+    """A plain GET of the WebSocket endpoint: say how to talk to it."""
+    return error_response(426, "this endpoint speaks WebSocket: send Upgrade: websocket",
+                          headers=(("Upgrade", "websocket"), ("Sec-WebSocket-Version", "13")))

@@ -31,7 +31,7 @@ __all__ = ["Connection"]
 
 log = logging.getLogger("broker.connection")
 
-CLOSE_GRACE = 2.0  # seconds to wait for the client's close frame before dropping
+CLOSE_GRACE = 5.0  # seconds to wait for the client's close frame before dropping
 
 
 class Connection(asyncio.Protocol):

@@ -49,7 +49,7 @@ class BrokerProcess:
     args: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
     api_key: str = "test-api-key"
-    jwt_secret: str = "test-jwt-secret"
+    jwt_secret: str = "test-jwt-secret-long-enough-for-hs256!"
     port: int = field(default_factory=free_port)
     host: str = "127.0.0.1"
     process: subprocess.Popen | None = None

@@ -1,0 +1,105 @@
+"""The server API (PROTOCOL.md §3) through real HTTP requests."""
+import http.client
+import json
+
+import pytest
+
+from broker.testing import http_json
+
+from .wsclient import NativeClient
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def test_publish_reply_shape(broker):
+    status, reply = broker.api("POST", "/api/publish", {"channel": "bill:1", "data": {"a": 1}})
+    assert status == 200 and reply["channel"] == "bill:1" and reply["offset"] == 1
+    assert isinstance(reply["epoch"], str) and reply["epoch"]
+
+
+def test_api_key_is_required(broker):
+    for headers in ({}, {"Authorization": "apikey wrong"}, {"Authorization": "Bearer x"}):
+        status, body = http_json("POST", broker.url + "/api/publish",
+                                 {"channel": "bill:1", "data": 1}, headers)
+        assert status == 401 and "error" in body
+    assert http_json("GET", broker.url + "/api/stats")[0] == 401
+
+
+def test_bills_users_and_broadcast_endpoints_deliver(broker):
+    with NativeClient(broker.ws_url, token=broker.token("u1")) as c:
+        c.subscribe("bill:HB-12")
+        c.subscribe("user:u1")
+        status, reply = broker.api("POST", "/api/bills/HB-12/updates", {"status": "passed"})
+        assert status == 200 and reply["channel"] == "bill:HB-12"
+        status, reply = broker.api("POST", "/api/users/u1/notifications", {"text": "hi"})
+        assert status == 200 and reply["channel"] == "user:u1"
+        status, reply = broker.api("POST", "/api/broadcast",
+                                   {"channels": ["user:u1", "user:u2"], "data": {"all": True}})
+        assert status == 200
+        assert [r["channel"] for r in reply["results"]] == ["user:u1", "user:u2"]
+        assert [r["offset"] for r in reply["results"]] == [2, 1]
+        pubs = c.pubs(3)
+        assert [(p["channel"], p["data"]) for p in pubs] == [
+            ("bill:HB-12", {"status": "passed"}), ("user:u1", {"text": "hi"}),
+            ("user:u1", {"all": True})]
+
+
+def test_broadcast_with_an_invalid_channel_publishes_nothing(broker):
+    status, body = broker.api("POST", "/api/broadcast",
+                              {"channels": ["user:1", "bad channel"], "data": 1})
+    assert status == 400 and "bad channel" in body["error"]
+    status, body = broker.api("POST", "/api/broadcast", {"channels": ["user:1", "nons:1"], "data": 1})
+    assert status == 400
+    assert broker.api("GET", "/api/history?channel=user:1")[1]["offset"] == 0
+
+
+def test_history_since_and_limit(broker):
+    for i in range(5):
+        broker.publish("bill:h", {"i": i})
+    status, body = broker.api("GET", "/api/history?channel=bill:h&since=2&limit=2")
+    assert status == 200
+    assert body["offset"] == 5 and body["channel"] == "bill:h"
+    assert body["publications"] == [{"offset": 3, "data": {"i": 2}}, {"offset": 4, "data": {"i": 3}}]
+    assert broker.api("GET", "/api/history")[0] == 400
+    assert broker.api("GET", "/api/history?channel=bill:h&since=x")[0] == 400
+
+
+@pytest.mark.parametrize("body", [b"{not json", b"", b"[1,2]", b'{"channel":"bill:1"}',
+                                  b'{"channel":"bill:1","data":NaN}', b'{"channel":5,"data":1}'])
+def test_bad_bodies_are_400_with_json_error(broker, body):
+    status, reply = broker.api("POST", "/api/publish", body, {"Content-Type": "application/json"})
+    assert status == 400 and isinstance(reply, dict) and reply["error"]
+
+
+def test_body_over_limit_is_413_from_content_length(broker):
+    conn = http.client.HTTPConnection("127.0.0.1", broker.port, timeout=5)
+    conn.putrequest("POST", "/api/publish")
+    conn.putheader("Authorization", f"apikey {broker.api_key}")
+    conn.putheader("Content-Length", str(10 * 1024 * 1024))
+    conn.endheaders()  # no body sent: the size alone decides
+    response = conn.getresponse()
+    assert response.status == 413 and "error" in json.loads(response.read())
+
+
+def test_unknown_path_and_method(broker):
+    assert broker.api("GET", "/api/nothing")[0] == 404
+    assert broker.api("GET", "/api/publish")[0] == 405
+
+
+def test_health_ready_metrics(broker):
+    assert http_json("GET", broker.url + "/healthz")[0] == 200
+    assert http_json("GET", broker.url + "/readyz") == (200, {"ready": True})
+    broker.publish("bill:m", 1)
+    status, text = http_json("GET", broker.url + "/metrics")
+    assert status == 200
+    assert 'broker_publications_total{shard="0"} 1.0' in text
+    assert "broker_connections{" in text and "broker_rss_bytes{" in text
+
+
+def test_keep_alive_serves_many_requests_on_one_connection(broker):
+    conn = http.client.HTTPConnection("127.0.0.1", broker.port, timeout=5)
+    for i in range(20):
+        conn.request("POST", "/api/publish", json.dumps({"channel": "bill:ka", "data": i}),
+                     {"Authorization": f"apikey {broker.api_key}"})
+        response = conn.getresponse()
+        assert response.status == 200 and json.loads(response.read())["offset"] == i + 1
