@@ -213,10 +213,11 @@ def _serve_root(pid: int) -> int:
         if parent is None:
             return proc.pid
         try:
-            cmdline = " ".join(parent.cmdline())
+            argv = parent.cmdline()
         except psutil.Error:
             return proc.pid
-        if "broker" in cmdline and "serve" in cmdline:
+        program = os.path.basename(argv[0]) if argv else ""
+        if ("python" in program or program == "broker") and "broker" in " ".join(argv) and "serve" in argv:
             proc = parent
         else:
             return proc.pid

@@ -342,8 +342,9 @@ async def _receivers(conn: Any, progress: Any, base: int, params: dict[str, Any]
         while True:
             cmd = await commands.next()
             if cmd[0] == "connect":
+                tokens = _mint_tokens(spec, indices, secret)   # before the clock starts
                 times["start"] = time.monotonic()
-                await _connect_all(ws_connect, ws_url, spec, indices, secret, latencies, receivers,
+                await _connect_all(ws_connect, ws_url, spec, indices, tokens, latencies, receivers,
                                    connect_errors, state, params.get("concurrency", 64))
                 times["end"] = time.monotonic()
                 conn.send(("connected", {"connected": state["connected"], "failed": state["failed"],
@@ -377,19 +378,27 @@ async def _receivers(conn: Any, progress: Any, base: int, params: dict[str, Any]
         ticker.cancel()
 
 
-async def _connect_all(ws_connect: Any, ws_url: str, spec: dict[str, Any], indices: list[int],
-                       secret: str | None, latencies: array, receivers: list[Receiver],
-                       errors: Counter[str], state: dict[str, int], concurrency: int) -> None:
-    loop = asyncio.get_running_loop()
-    gate = asyncio.Semaphore(max(1, concurrency))
+def _mint_tokens(spec: dict[str, Any], indices: list[int], secret: str | None) -> dict[int, str]:
+    """An HS256 JWT (sub = <i>) for every connection on user:<i>."""
     tokens: dict[int, str] = {}
     if spec["user_connections"] and secret:
+        import warnings
+
         import jwt
+        warnings.filterwarnings("ignore", category=getattr(jwt, "InsecureKeyLengthWarning", UserWarning))
         exp = int(time.time()) + 3600
         for index in indices:
             channel = channel_of(spec, index)
             if channel and channel.startswith("user:"):
                 tokens[index] = jwt.encode({"sub": channel[5:], "exp": exp}, secret, algorithm="HS256")
+    return tokens
+
+
+async def _connect_all(ws_connect: Any, ws_url: str, spec: dict[str, Any], indices: list[int],
+                       tokens: dict[int, str], latencies: array, receivers: list[Receiver],
+                       errors: Counter[str], state: dict[str, int], concurrency: int) -> None:
+    loop = asyncio.get_running_loop()
+    gate = asyncio.Semaphore(max(1, concurrency))
 
     async def one(index: int) -> None:
         channel = channel_of(spec, index)
