@@ -219,3 +219,7 @@ def check_config(file: str) -> None:
     click.echo("ok")
     click.echo(_summary(config))
 
+
+
+from broker.bench.cli import bench  # noqa: E402  (click only; the runner loads when it runs)
+main.add_command(bench)
