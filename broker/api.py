@@ -162,7 +162,7 @@ async def history(shard: "Shard", request: Request, match: re.Match[str]) -> Res
 
 @route("GET", "/api/stats")
 async def stats(shard: "Shard", request: Request, match: re.Match[str]) -> Response:
-    return json_response(200, node_stats(shard.node_id, [shard.stats()]))
+    return json_response(200, node_stats(shard.node_id, await shard.cluster_stats()))
 
 
 def node_stats(node: str, shards: list[dict[str, Any]]) -> dict[str, Any]:
@@ -179,10 +179,9 @@ async def healthz(shard: "Shard", request: Request, match: re.Match[str]) -> Res
 
 @route("GET", "/readyz", needs_key=False)
 async def readyz(shard: "Shard", request: Request, match: re.Match[str]) -> Response:
-    if shard.draining:
-        return json_response(503, {"ready": False, "reason": "draining"})
-    if not shard.engine.ready():
-        return json_response(503, {"ready": False, "reason": "engine unreachable"})
+    reason = shard.not_ready_reason()
+    if reason is not None:
+        return json_response(503, {"ready": False, "reason": reason})
     return json_response(200, {"ready": True})
 
 
@@ -190,7 +189,7 @@ async def readyz(shard: "Shard", request: Request, match: re.Match[str]) -> Resp
 async def metrics(shard: "Shard", request: Request, match: re.Match[str]) -> Response:
     from .metrics import render
 
-    body, content_type = render([shard.stats()])
+    body, content_type = render(await shard.cluster_stats())
     return Response(200, body, content_type=content_type)
 
 

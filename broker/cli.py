@@ -52,7 +52,8 @@ def main() -> None:
 
 # Flags of `serve` that map to a top-level config key (values as text).
 _SERVE_SETTINGS = ("host", "port", "shards", "api_key", "jwt_secret", "allow_anonymous", "redis_url",
-                   "memory_limit_mb", "drain_timeout", "flush_interval", "compression", "log_level")
+                   "memory_limit_mb", "state_dir", "drain_timeout", "flush_interval", "compression",
+                   "log_level")
 
 
 @main.command()
@@ -66,6 +67,8 @@ _SERVE_SETTINGS = ("host", "port", "shards", "api_key", "jwt_secret", "allow_ano
               help="Accept connections without a token (public channels only).")
 @click.option("--redis-url", "--redis", "redis_url", metavar="URL", help="Redis engine (redis://, rediss://, unix://).")
 @click.option("--memory-limit-mb", metavar="N", help="Memory budget of all shards together.")
+@click.option("--state-dir", metavar="DIR",
+              help="Keep channel state (epochs, offsets, history) here across restarts [none].")
 @click.option("--drain-timeout", metavar="SECONDS", help="Graceful stop budget [10].")
 @click.option("--flush-interval", metavar="SECONDS", help="Batching window, 0 = end of loop turn [0].")
 @click.option("--compression/--no-compression", default=None, help="Accept permessage-deflate [on].")

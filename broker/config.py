@@ -12,7 +12,7 @@ import os
 import re
 import tomllib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -23,6 +23,7 @@ __all__ = [
     "Limits",
     "Namespace",
     "JwtSettings",
+    "Cluster",
     "default_namespaces",
     "load_config",
     "ENV_VARS",
@@ -78,6 +79,16 @@ class JwtSettings:
 
 
 @dataclass
+class Cluster:
+    """How the shards of one host talk to each other (ZeroMQ)."""
+
+    transport: str = "ipc"                   # "ipc" (unix sockets) or "tcp" (127.0.0.1 ports)
+    request_timeout: float = 3.0             # seconds a shard waits for another's answer
+    high_water_mark: int = 100000            # ZeroMQ messages queued per peer before dropping
+    restart_backoff_max: float = 30.0        # seconds between restarts of a shard that keeps dying
+
+
+@dataclass
 class Config:
     host: str = "127.0.0.1"
     port: int = 8765
@@ -87,6 +98,7 @@ class Config:
     allow_anonymous: bool = False
     redis_url: str | None = None
     memory_limit_mb: int | None = None
+    state_dir: str | None = None             # where shards journal channel state; None = the run dir (gone at exit)
     drain_timeout: float = 10.0              # seconds for a graceful stop
     flush_interval: float = 0.0              # batching window in seconds; 0 = end of loop turn
     compression: bool = True                 # accept permessage-deflate offers
@@ -94,6 +106,21 @@ class Config:
     limits: Limits = field(default_factory=Limits)
     jwt: JwtSettings = field(default_factory=JwtSettings)
     namespaces: dict[str, Namespace] = field(default_factory=default_namespaces)
+    cluster: Cluster = field(default_factory=Cluster)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (JSON-safe) for handing the config to a shard process."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "Config":
+        """The inverse of ``to_dict`` (no validation: the data came from a Config)."""
+        top = {k: v for k, v in data.items() if k not in ("limits", "jwt", "namespaces", "cluster")}
+        jwt = dict(data["jwt"])
+        jwt["algorithms"] = tuple(jwt["algorithms"])
+        return cls(**top, limits=Limits(**data["limits"]), jwt=JwtSettings(**jwt),
+                   cluster=Cluster(**data["cluster"]),
+                   namespaces={k: Namespace(**v) for k, v in data["namespaces"].items()})
 
     def namespace_for(self, channel: str) -> Namespace | None:
         """The namespace of ``channel`` (the part before its first ``:``), or
@@ -230,6 +257,7 @@ TOP_LEVEL: dict[str, Callable[[str, Any, bool], Any]] = {
     "allow_anonymous": _bool,
     "redis_url": _redis_url,
     "memory_limit_mb": _int(1),
+    "state_dir": _str,
     "drain_timeout": _float(0.0),
     "flush_interval": _float(0.0),
     "compression": _bool,
@@ -245,6 +273,20 @@ JWT: dict[str, Callable[[str, Any, bool], Any]] = {
     "algorithms": _algorithms,
     "public_key": _pem,
     "leeway": _float(0.0),
+}
+
+def _transport(key: str, value: Any, text: bool) -> str:
+    value = _str(key, value, text)
+    if value not in ("ipc", "tcp"):
+        raise ConfigError(key, f"must be 'ipc' or 'tcp', got {value!r}")
+    return value
+
+
+CLUSTER: dict[str, Callable[[str, Any, bool], Any]] = {
+    "transport": _transport,
+    "request_timeout": _float(0.0, strict=True),
+    "high_water_mark": _int(1),
+    "restart_backoff_max": _float(0.0, strict=True),
 }
 
 NAMESPACE: dict[str, Callable[[str, Any, bool], Any]] = {
@@ -309,6 +351,8 @@ def _apply_file(config: Config, data: dict[str, Any]) -> None:
                 except (OSError, UnicodeDecodeError) as exc:
                     raise ConfigError("jwt.public_key_file", f"cannot read {path}: {exc}") from None
             config.jwt = _apply_section(config.jwt, "jwt", table, JWT)
+        elif name == "cluster":
+            config.cluster = _apply_section(config.cluster, "cluster", _table("cluster", value), CLUSTER)
         elif name == "namespaces":
             for ns_name, ns_table in _table("namespaces", value).items():
                 key = f"namespaces.{ns_name}"
@@ -317,7 +361,7 @@ def _apply_file(config: Config, data: dict[str, Any]) -> None:
                 base = config.namespaces.get(ns_name) or Namespace(ns_name)
                 config.namespaces[ns_name] = _apply_section(base, key, _table(key, ns_table), NAMESPACE)
         else:
-            known = [*TOP_LEVEL, "limits", "jwt", "namespaces"]
+            known = [*TOP_LEVEL, "limits", "jwt", "cluster", "namespaces"]
             raise ConfigError(name, f"unknown key (known: {', '.join(known)})")
 
 

@@ -8,10 +8,39 @@ from __future__ import annotations
 from typing import Any, Iterable
 
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily,
+                                    Metric)
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-__all__ = ["render"]
+__all__ = ["render", "PowerHistogram"]
+
+
+class PowerHistogram:
+    """A histogram with power-of-two buckets, cheap enough for the hot path:
+    ``observe`` is one ``bit_length`` and one list add. Bucket ``i`` holds
+    values ``v`` (in ``unit``s, rounded down) with ``v.bit_length() == i``,
+    so its upper bound is ``2**i - 1`` units."""
+
+    __slots__ = ("counts", "total", "unit")
+
+    def __init__(self, size: int = 21, unit: float = 1.0) -> None:
+        self.counts = [0] * size
+        self.total = 0.0
+        self.unit = unit
+
+    def observe(self, value: float) -> None:
+        self.total += value
+        index = int(value / self.unit).bit_length()
+        counts = self.counts
+        counts[index if index < len(counts) else -1] += 1
+
+    def snapshot(self) -> dict[str, Any]:
+        """Cumulative buckets as Prometheus wants them: [(upper bound, count), ...]."""
+        cumulative, buckets = 0, []
+        for index, count in enumerate(self.counts[:-1]):
+            cumulative += count
+            buckets.append([((1 << index) - 1) * self.unit if index else 0.0, cumulative])
+        return {"buckets": buckets, "count": cumulative + self.counts[-1], "sum": self.total}
 
 # (stats key, metric name, kind, help)
 _SERIES = (
@@ -28,7 +57,29 @@ _SERIES = (
     ("rss_bytes", "broker_rss_bytes", "gauge", "Resident memory of the shard process."),
     ("degradation", "broker_degradation_level", "gauge", "Memory degradation level (0 = normal)."),
     ("up", "broker_shard_up", "gauge", "1 when the shard is serving."),
+    ("engine.history_bytes", "broker_history_bytes", "gauge", "Bytes of retained history homed here."),
+    ("engine.zmq_hwm_drops", "broker_zmq_hwm_drops", "counter",
+     "ZeroMQ messages dropped at a high-water mark (receivers repair from history)."),
+    ("engine.repairs", "broker_stream_repairs", "counter",
+     "Gaps in a channel's stream filled from the home shard's history."),
+    ("engine.lost_streams", "broker_lost_streams", "counter",
+     "Channel streams that could not continue (subscribers told to recover)."),
 )
+
+_HISTOGRAMS = (
+    ("batch_lines", "broker_batch_lines", "Lines (messages) per WebSocket frame written."),
+    ("flush_latency", "broker_publish_to_flush_seconds",
+     "Age of the oldest queued publication at each flush pass."),
+)
+
+
+def _lookup(stats: dict[str, Any], path: str) -> Any:
+    value: Any = stats
+    for part in path.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return None
+        value = value[part]
+    return value
 
 
 class _ShardCollector:
@@ -40,9 +91,19 @@ class _ShardCollector:
             family_type = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
             family = family_type(name, help_text, labels=["shard"])
             for shard in self._shards:
-                if key in shard:
-                    family.add_metric([str(shard["id"])], float(shard[key]))
+                value = _lookup(shard, key)
+                if value is not None:
+                    family.add_metric([str(shard["id"])], float(value))
             yield family
+        for key, name, help_text in _HISTOGRAMS:
+            histogram = HistogramMetricFamily(name, help_text, labels=["shard"])
+            for shard in self._shards:
+                snapshot = shard.get(key)
+                if snapshot:
+                    buckets = [(repr(float(le)), count) for le, count in snapshot["buckets"]]
+                    buckets.append(("+Inf", snapshot["count"]))
+                    histogram.add_metric([str(shard["id"])], buckets, snapshot["sum"])
+            yield histogram
 
 
 def render(shards: list[dict[str, Any]]) -> tuple[bytes, str]:

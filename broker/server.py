@@ -9,22 +9,21 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import signal
 import socket
 import sys
 import threading
-from typing import Any
+from typing import Any, Callable
 
 from . import _fastpath
 from .config import Config
 from .shard import Shard
 
-__all__ = ["serve", "Broker", "run_shard"]
+__all__ = ["serve", "Broker", "serve_shard", "new_loop", "configure_logging"]
 
 log = logging.getLogger("broker.server")
 
 
-def _new_loop() -> asyncio.AbstractEventLoop:
+def new_loop() -> asyncio.AbstractEventLoop:
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency on POSIX
@@ -45,64 +44,48 @@ def _listen_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-async def run_shard(config: Config, stop: asyncio.Event, ready: "threading.Event | None" = None,
-                    bound: dict[str, Any] | None = None, shard_id: int = 0) -> None:
-    """Serve one shard until ``stop`` is set, then drain."""
-    loop = asyncio.get_running_loop()
-    shard = Shard(config, shard_id=shard_id, loop=loop)
+async def serve_shard(shard: Shard, stop: asyncio.Event,
+                      on_listening: Callable[[int], None] | None = None) -> None:
+    """Listen on the config's host/port (SO_REUSEPORT), serve until ``stop``
+    is set, then drain: the one way every shard runs, embedded or forked."""
+    config = shard.config
     sock = _listen_socket(config.host, config.port)
     port = sock.getsockname()[1]
     shard.node_id = f"{socket.gethostname()}:{port}"
-    server = await loop.create_server(shard.protocol_factory, sock=sock)
-    if bound is not None:
-        bound["port"] = port
-        bound["shard"] = shard
-    log.info("broker serving on http://%s:%d (WebSocket at /ws), fastpath: %s",
-             config.host, port, _fastpath.IMPLEMENTATION)
-    if ready is not None:
-        ready.set()
+    server = await shard.loop.create_server(shard.protocol_factory, sock=sock, backlog=4096)
+    log.info("shard %d serving on http://%s:%d (WebSocket at /ws), fastpath: %s",
+             shard.id, config.host, port, _fastpath.IMPLEMENTATION)
+    if on_listening is not None:
+        on_listening(port)
     try:
         await stop.wait()
     finally:
-        log.info("draining %d connections (timeout %.1fs)", shard.websocket_count, config.drain_timeout)
+        log.info("shard %d draining %d connections (timeout %.1fs)", shard.id,
+                 shard.websocket_count, config.drain_timeout)
         server.close()
         await shard.drain(config.drain_timeout)
         shard.close()
         await shard.engine.close()
-        log.info("shard %d stopped", shard_id)
+        log.info("shard %d stopped", shard.id)
 
 
-def _configure_logging(level: str) -> None:
+def configure_logging(level: str) -> None:
     logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
 
 
 def serve(config: Config) -> int:
-    """``broker serve``: run until SIGTERM/SIGINT, drain, return the exit code."""
-    _configure_logging(config.log_level)
+    """``broker serve``: a supervisor and its shards, until SIGTERM/SIGINT."""
+    configure_logging(config.log_level)
     if config.redis_url:
         print("error: redis_url: the Redis engine is not built yet; "
               "run without --redis for one host", file=sys.stderr)
         return 2
     if config.api_key is None:
         log.warning("no api_key configured: the server API accepts unauthenticated requests")
-    if config.shards > 1:
-        log.warning("shards=%d requested; this build runs one shard per node "
-                    "(the multi-shard supervisor is not built yet)", config.shards)
-    loop = _new_loop()
-    asyncio.set_event_loop(loop)
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    try:
-        loop.run_until_complete(run_shard(config, stop))
-    except OSError as exc:
-        print(f"error: cannot listen on {config.host}:{config.port}: {exc.strerror or exc}",
-              file=sys.stderr)
-        return 1
-    finally:
-        loop.close()
-    return 0
+    from .supervisor import Supervisor
+
+    return Supervisor(config).run()
 
 
 class Broker:
@@ -146,11 +129,18 @@ class Broker:
         return self
 
     def _run(self, ready: threading.Event) -> None:
-        loop = self._loop = _new_loop()
+        loop = self._loop = new_loop()
         asyncio.set_event_loop(loop)
         self._stop = asyncio.Event()
         try:
-            loop.run_until_complete(run_shard(self.config, self._stop, ready, self._bound))
+            shard = Shard(self.config, loop=loop)
+            self._bound["shard"] = shard
+
+            def listening(port: int) -> None:
+                self._bound["port"] = port
+                ready.set()
+
+            loop.run_until_complete(serve_shard(shard, self._stop, listening))
         except BaseException as exc:  # surfaced by start()
             self._error = exc
             ready.set()

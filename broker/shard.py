@@ -9,6 +9,7 @@ connection's pending lines into one frame built once per distinct batch.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import socket
@@ -24,6 +25,7 @@ from .connection import Connection
 from .engine import Engine, MemoryEngine
 from .errors import EngineUnavailable, ProtocolViolation
 from .httpmsg import Response, error_response
+from .metrics import PowerHistogram
 from .protocol import BadCommandBudget, Command, error_line, parse_message, pub_line, reply_line
 
 __all__ = ["Shard"]
@@ -41,6 +43,9 @@ class Shard:
         self.loop = loop or asyncio.get_event_loop()
         self.engine = engine or MemoryEngine(config)
         self.engine.deliver = self.deliver
+        self.engine.lost = self.lose_channel
+        self.router: Any = None                 # set by attach_router() in a multi-shard node
+        self.cluster_status: dict[str, Any] | None = None
         self.subs = SubscriptionTable()
         self.outbound = OutboundTable(config.limits.outbound_buffer_bytes)
         self._frames: dict[int, Any] = {}  # window bits -> SharedFrames
@@ -61,6 +66,9 @@ class Shard:
         self.bytes_out = 0
         self.bad_commands = 0
         self.connections_total = 0
+        self.batch_lines = PowerHistogram(size=16)
+        self.flush_latency = PowerHistogram(size=22, unit=1e-6)  # microsecond buckets up to ~2 s
+        self._oldest_pending: float | None = None
         self._sweeper: asyncio.TimerHandle | None = self.loop.call_later(SWEEP_INTERVAL, self._sweep)
 
     # ------------------------------------------------------ connections
@@ -93,8 +101,14 @@ class Shard:
     def connection_closing(self, conn: Connection) -> None:
         """The close frame is out: nothing more is delivered to or queued for it."""
         if conn.cid >= 0:
-            self.subs.remove_connection(conn.cid)
+            self._forget(self.subs.remove_connection(conn.cid))
             self.outbound.close(conn.cid)
+
+    def _forget(self, channels: list[str]) -> None:
+        """Tell the engine about channels that just lost their last local subscriber."""
+        for channel in channels:
+            if self.subs.count(channel) == 0:
+                self.engine.release(channel)
 
     def connection_closed(self, conn: Connection) -> None:
         cid = conn.cid
@@ -102,7 +116,7 @@ class Shard:
             self.http_conns -= 1
             return
         conn.cid = -1
-        self.subs.remove_connection(cid)
+        self._forget(self.subs.remove_connection(cid))
         self.outbound.close(cid)
         self._budgets.pop(cid, None)
         self.conns[cid] = None
@@ -131,6 +145,8 @@ class Shard:
         overflowed = self.outbound.append_many(ids, pub_line(channel, offset, data_json))
         del ids  # the view is valid only until the table changes
         self.delivered += count - len(overflowed)
+        if self._oldest_pending is None:
+            self._oldest_pending = self.loop.time()
         for cid in overflowed:
             conn = self.conns[cid]
             if conn is not None and not conn.closing:
@@ -157,6 +173,9 @@ class Shard:
 
     def _flush(self) -> None:
         self._flush_handle = None
+        if self._oldest_pending is not None:
+            self.flush_latency.observe(self.loop.time() - self._oldest_pending)
+            self._oldest_pending = None
         conns = self.conns
         for cid in self.outbound.take_dirty():
             conn = conns[cid]
@@ -173,6 +192,7 @@ class Shard:
         conn.transport.write(frame)
         self.frames_out += 1
         self.bytes_out += len(frame)
+        self.batch_lines.observe(payload.count(b"\n"))
 
     def flush_connection(self, conn: Connection, force: bool = False) -> None:
         """Write one connection's pending lines now (resume, close, drain)."""
@@ -216,7 +236,8 @@ class Shard:
             await self._subscribe(conn, cmd)
         elif op == "unsubscribe":
             assert cmd.channel is not None
-            self.subs.remove(conn.cid, cmd.channel)
+            if self.subs.remove(conn.cid, cmd.channel):
+                self._forget([cmd.channel])
             self.send(conn, reply_line(cmd.id, "unsubscribed", channel=cmd.channel))
         elif op == "publish":
             assert cmd.channel is not None and cmd.data_json is not None
@@ -252,6 +273,16 @@ class Shard:
                                    offset=position.offset, **extra))
         for offset, data_json in missed:
             self.send(conn, pub_line(channel, offset, data_json))
+
+    def lose_channel(self, channel: str, reason: str) -> None:
+        """The channel's stream cannot continue here: every local subscriber is
+        told (PROTOCOL.md "Lost stream") and dropped; they resubscribe with recover."""
+        line = reply_line(None, "unsubscribed", channel=channel, reason=reason)
+        for cid in list(self.subs.subscribers(channel)):
+            conn = self.conns[cid]
+            self.subs.remove(cid, channel)
+            if conn is not None:
+                self.send(conn, line)
 
     async def publish(self, channel: str, data_json: bytes):
         """Sequence, store and deliver one publication (from the API or a client)."""
@@ -290,6 +321,64 @@ class Shard:
             sweep(lambda channel: self.subs.count(channel) > 0)
         self._sweeper = self.loop.call_later(SWEEP_INTERVAL, self._sweep)
 
+    # ------------------------------------------------------------ cluster
+    def attach_router(self, router: Any) -> None:
+        """Join the node's other shards (see broker.router)."""
+        self.router = router
+        router.on_status = self._on_status
+        self.engine.stats_provider = self.stats  # type: ignore[attr-defined]
+
+    def _on_status(self, status: dict[str, Any]) -> None:
+        previous = self.cluster_status
+        self.cluster_status = status
+        if previous is None:
+            return
+        old_pids = {s["id"]: s["pid"] for s in previous["shards"]}
+        for shard in status["shards"]:
+            if shard["id"] != self.id and shard["up"] and old_pids.get(shard["id"]) != shard["pid"]:
+                resync = getattr(self.engine, "resync_home", None)
+                if resync is not None:
+                    resync(shard["id"])
+
+    def not_ready_reason(self) -> str | None:
+        """Why /readyz is 503, or None when this node accepts traffic."""
+        if self.draining:
+            return "draining"
+        if not self.engine.ready():
+            return "engine unreachable"
+        if self.router is not None:
+            status = self.cluster_status
+            if status is None:
+                return "waiting for the supervisor"
+            if status.get("draining"):
+                return "draining"
+            down = [s["id"] for s in status["shards"] if not s["up"]]
+            if down:
+                return f"shard(s) {', '.join(map(str, down))} down"
+        return None
+
+    async def cluster_stats(self) -> list[dict[str, Any]]:
+        """Every shard's stats: this one's, and the others' over ZeroMQ."""
+        if self.router is None:
+            return [self.stats()]
+        status = {s["id"]: s for s in (self.cluster_status or {"shards": []})["shards"]}
+        peers = sorted(self.router.dealers)
+
+        async def ask(peer: int) -> dict[str, Any]:
+            try:
+                if not status.get(peer, {}).get("up", True):
+                    raise EngineUnavailable("down")  # the supervisor knows: don't wait for it
+                (raw,) = await self.router.request(peer, b"STATS", timeout=1.0)
+                return json.loads(raw)
+            except Exception:
+                known = status.get(peer, {})
+                return {"id": peer, "pid": known.get("pid", 0), "up": False, "connections": 0,
+                        "subscriptions": 0, "channels": 0, "published": 0, "delivered": 0,
+                        "rss_bytes": 0, "degradation": 0}
+
+        others = await asyncio.gather(*(ask(peer) for peer in peers))
+        return sorted([self.stats(), *others], key=lambda s: s["id"])
+
     # ------------------------------------------------------------ stats
     def stats(self) -> dict[str, Any]:
         try:
@@ -314,4 +403,6 @@ class Shard:
             "rss_bytes": rss,
             "degradation": 0,
             "engine": self.engine.stats(),
+            "batch_lines": self.batch_lines.snapshot(),
+            "flush_latency": self.flush_latency.snapshot(),
         }

@@ -38,6 +38,10 @@ class Engine(abc.ABC):
     """
 
     deliver: DeliverFn
+    # lost(channel, reason): the stream of a channel with local subscribers
+    # cannot continue (epoch changed, gap not in history): the shard tells
+    # its subscribers ("unsubscribed" with the reason) and drops them.
+    lost: Callable[[str, str], None] = staticmethod(lambda channel, reason: None)  # type: ignore[assignment]
 
     @abc.abstractmethod
     async def publish(self, channel: str, data_json: bytes) -> Position:
@@ -60,6 +64,9 @@ class Engine(abc.ABC):
     @abc.abstractmethod
     def ready(self) -> bool:
         """True when publishing and subscribing can succeed now."""
+
+    def release(self, channel: str) -> None:
+        """The last local subscriber of ``channel`` left."""
 
     def stats(self) -> dict[str, int]:
         return {}

@@ -12,7 +12,9 @@ from typing import Callable
 
 from .._fastpath import HistoryWindow
 from ..config import Config
+from ..errors import EngineUnavailable
 from .base import DeliverFn, Engine, Position, Recovery
+from .journal import ChannelLog, Journal
 
 __all__ = ["MemoryEngine"]
 
@@ -26,30 +28,89 @@ class _ChannelState:
 
 
 class MemoryEngine(Engine):
+    """Channel state in this process; with a ``journal``, every state change
+    is written there first, so a replacement process continues the channels
+    (same epochs, offsets and history) after this one dies."""
+
     def __init__(self, config: Config, deliver: DeliverFn | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, journal: Journal | None = None) -> None:
         self._config = config
         self._clock = clock
         self._channels: dict[str, _ChannelState] = {}
         self._epoch_base = secrets.token_hex(4)
         self._created = 0
+        self._journal = journal
+        self._compaction_due = False
+        # How to run compaction soon, outside the publish in progress
+        # (the shard sets loop.call_soon); without it, the idle sweep compacts.
+        self.schedule: Callable[[Callable[[], None]], object] | None = None
+        if journal is not None:
+            self._restore(journal.load(keep=lambda channel: self._bounds(channel)[0]))
         self.deliver = deliver or (lambda channel, offset, data: None)
+        # Called with (channel, epoch, offset, data) before local delivery: the
+        # cluster engine sends the publication on to other shards here.
+        self.forward: Callable[[str, str, int, bytes], None] | None = None
+
+    def _bounds(self, channel: str) -> tuple[int, float]:
+        namespace = self._config.namespaces.get(channel.partition(":")[0])
+        return (namespace.history_size, namespace.history_ttl) if namespace else (0, 0.0)
+
+    def _restore(self, logs: dict[str, ChannelLog]) -> None:
+        for log in logs.values():
+            size, ttl = self._bounds(log.channel)
+            window = HistoryWindow(size, ttl, log.last_offset - len(log.publications))
+            for offset, data, ts in log.publications:
+                window.append(offset, data, ts)
+            self._channels[log.channel] = _ChannelState(log.epoch, window)
 
     def _state(self, channel: str) -> _ChannelState:
         state = self._channels.get(channel)
         if state is None:
-            namespace = self._config.namespaces.get(channel.partition(":")[0])
-            size, ttl = (namespace.history_size, namespace.history_ttl) if namespace else (0, 0.0)
+            size, ttl = self._bounds(channel)
             self._created += 1
             state = _ChannelState(f"{self._epoch_base}{self._created:x}", HistoryWindow(size, ttl))
+            self._write(Journal.record_channel, channel, state.epoch, 0)
             self._channels[channel] = state
         return state
+
+    def _write(self, method: Callable[..., None], *args: object) -> None:
+        """Journal first: what is not written is not acknowledged."""
+        if self._journal is None:
+            return
+        try:
+            method(self._journal, *args)
+        except OSError as exc:
+            raise EngineUnavailable(f"cannot write the journal: {exc}") from exc
+        if not self._compaction_due and self._journal.needs_compaction:
+            self._compaction_due = True
+            if self.schedule is not None:
+                self.schedule(self.compact)
+
+    def compact(self) -> None:
+        """Rewrite the journal with just the retained state. Publications keep
+        the time of the compaction (their age limit restarts from it)."""
+        self._compaction_due = False
+        if self._journal is None:
+            return
+        now = self._clock()
+        self._journal.rewrite(
+            ChannelLog(name, state.epoch, state.window.last_offset,
+                       [(offset, data, now) for offset, data in state.window.since(0, now)])
+            for name, state in self._channels.items())
+
+    @property
+    def compaction_due(self) -> bool:
+        return self._compaction_due
 
     def publish_now(self, channel: str, data_json: bytes) -> Position:
         """Synchronous publish: the in-process fast path used by the shard."""
         state = self._state(channel)
         offset = state.window.last_offset + 1
-        state.window.append(offset, data_json, self._clock())
+        now = self._clock()
+        self._write(Journal.record_publication, channel, state.epoch, offset, data_json, now)
+        state.window.append(offset, data_json, now)
+        if self.forward is not None:
+            self.forward(channel, state.epoch, offset, data_json)
         self.deliver(channel, offset, data_json)
         return Position(state.epoch, offset)
 
@@ -77,10 +138,13 @@ class MemoryEngine(Engine):
     async def recover(self, channel: str, epoch: str, offset: int) -> Recovery:
         return self.recover_now(channel, epoch, offset)
 
-    async def history(self, channel: str, since: int, limit: int) -> tuple[Position, list[tuple[int, bytes]]]:
+    def history_now(self, channel: str, since: int, limit: int) -> tuple[Position, list[tuple[int, bytes]]]:
         state = self._state(channel)
         return (Position(state.epoch, state.window.last_offset),
                 state.window.since(since, self._clock(), limit))
+
+    async def history(self, channel: str, since: int, limit: int) -> tuple[Position, list[tuple[int, bytes]]]:
+        return self.history_now(channel, since, limit)
 
     def ready(self) -> bool:
         return True
@@ -93,6 +157,9 @@ class MemoryEngine(Engine):
                 if not is_active(name) and (state.window.trim(now) >= 0 and len(state.window) == 0)]
         for name in idle:
             del self._channels[name]
+            self._write(Journal.record_drop, name)
+        if self._compaction_due:
+            self.compact()
         return len(idle)
 
     def stats(self) -> dict[str, int]:

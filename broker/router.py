@@ -1,0 +1,316 @@
+"""ZeroMQ between the shards of one host (DESIGN.md "Processes").
+
+Per shard:
+- XPUB (bound): the publications of the channels this shard is home of, one
+  message ``[channel + NUL, epoch, offset, data]``; ZeroMQ filters by topic
+  at the sender, so a shard receives only channels it subscribed to.
+- SUB (connected to every other shard's XPUB): subscribed to a channel's
+  topic on the first local subscriber, unsubscribed on the last.
+- ROUTER (bound) / DEALER (one per peer, connected): requests between shards
+  (forwarded publishes, recovery, history, stats), each with a deadline.
+- SUB to the supervisor's status, PUSH to the supervisor's control socket.
+
+Joining a channel's stream without a gap uses the stream itself: the shard
+subscribes the channel's topic and then a unique *sync topic*; the home
+shard's XPUB sees the sync subscription after the channel's (same pipe, in
+order) and answers ON THE PUBLICATION STREAM with the channel's position.
+Every publication after that position follows the answer on the same pipe.
+
+Sockets are plain (non-asyncio) pyzmq sockets driven by ``loop.add_reader``
+on their FD and drained until EAGAIN, so no future or task is made per message.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import logging
+import os
+import struct
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import zmq
+
+from .errors import EngineUnavailable
+
+__all__ = ["Endpoints", "Router", "topic_of", "SYNC"]
+
+log = logging.getLogger("broker.router")
+
+SYNC = b"\x01"            # first byte of a sync topic (never in a channel name)
+_SYNC_HEAD = struct.Struct("!HQ")  # home shard id, nonce
+OK = b"ok"
+ERR = b"err"
+
+
+def topic_of(channel: str) -> bytes:
+    """The channel's topic: NUL-terminated so ``bill:1`` never matches ``bill:10``."""
+    return channel.encode() + b"\x00"
+
+
+@dataclass
+class Endpoints:
+    """Where every socket of one host's cluster lives (written by the supervisor)."""
+
+    pub: list[str]
+    req: list[str]
+    status: str
+    control: str
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Endpoints":
+        return cls(list(data["pub"]), list(data["req"]), data["status"], data["control"])
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"pub": self.pub, "req": self.req, "status": self.status, "control": self.control}
+
+
+class _Drain:
+    """Reads every message queued on a socket whenever its FD says so.
+
+    ZeroMQ's FD is edge-triggered: after any send on the socket the read
+    state may have changed unseen, so senders call ``kick()``."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, sock: zmq.Socket,
+                 handler: Callable[[list[bytes]], None]) -> None:
+        self.loop, self.sock, self.handler = loop, sock, handler
+        self._scheduled = False
+        loop.add_reader(sock.getsockopt(zmq.FD), self.run)
+
+    def kick(self) -> None:
+        if not self._scheduled:
+            self._scheduled = True
+            self.loop.call_soon(self.run)
+
+    def run(self) -> None:
+        self._scheduled = False
+        sock, handler = self.sock, self.handler
+        if sock.closed:
+            return
+        try:
+            while sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                handler(sock.recv_multipart(zmq.NOBLOCK))
+        except zmq.Again:
+            pass
+        except zmq.ZMQError as exc:  # pragma: no cover - socket closed under us
+            log.debug("drain stopped: %s", exc)
+
+    def close(self) -> None:
+        try:
+            self.loop.remove_reader(self.sock.getsockopt(zmq.FD))
+        except (zmq.ZMQError, ValueError):
+            pass
+
+
+class Router:
+    """One shard's ZeroMQ sockets and the request/response bookkeeping."""
+
+    def __init__(self, shard_id: int, endpoints: Endpoints, loop: asyncio.AbstractEventLoop,
+                 high_water_mark: int, request_timeout: float) -> None:
+        self.id = shard_id
+        self.n = len(endpoints.pub)
+        self.loop = loop
+        self.request_timeout = request_timeout
+        self.ctx = zmq.Context()
+        self.hwm_drops = 0
+        self.requests_failed = 0
+        # callbacks set by the cluster engine / shard
+        self.on_publication: Callable[[bytes, bytes, int, bytes], None] = lambda *a: None
+        self.on_sync_request: Callable[[int, str], tuple[str, int]] = lambda *a: ("", 0)
+        self.on_request: Callable[[bytes, list[bytes]], Any] = lambda *a: [ERR, b"no handler"]
+        self.on_status: Callable[[dict[str, Any]], None] = lambda status: None
+
+        self.xpub = self._socket(zmq.XPUB, high_water_mark)
+        self.xpub.setsockopt(zmq.XPUB_NODROP, 1)  # a full peer makes send fail: we count it
+        self.xpub.bind(endpoints.pub[shard_id])
+        self.sub = self._socket(zmq.SUB, high_water_mark)
+        for peer, address in enumerate(endpoints.pub):
+            if peer != shard_id:
+                self.sub.connect(address)
+        self.router = self._socket(zmq.ROUTER, high_water_mark)
+        self.router.bind(endpoints.req[shard_id])
+        self.dealers: dict[int, zmq.Socket] = {}
+        for peer, address in enumerate(endpoints.req):
+            if peer != shard_id:
+                dealer = self._socket(zmq.DEALER, high_water_mark)
+                dealer.setsockopt(zmq.IMMEDIATE, 1)  # never queue for a peer that is down
+                dealer.connect(address)
+                self.dealers[peer] = dealer
+        self.status = self._socket(zmq.SUB, 100)
+        self.status.setsockopt(zmq.SUBSCRIBE, b"")
+        self.status.connect(endpoints.status)
+        self.control = self._socket(zmq.PUSH, 100)
+        self.control.connect(endpoints.control)
+
+        self._pending: dict[bytes, asyncio.Future[list[bytes]]] = {}
+        self._syncs: dict[bytes, asyncio.Future[tuple[str, int]]] = {}
+        self._ids = itertools.count(1)
+        self._nonce = itertools.count(int.from_bytes(os.urandom(4), "big") << 20)
+        self._drains = [
+            _Drain(loop, self.sub, self._on_sub),
+            _Drain(loop, self.xpub, self._on_xpub),
+            _Drain(loop, self.router, self._on_router),
+            _Drain(loop, self.status, self._on_status),
+            *(_Drain(loop, dealer, self._on_reply) for dealer in self.dealers.values()),
+        ]
+        self._sub_drain = self._drains[0]
+        self._xpub_drain = self._drains[1]
+
+    def _socket(self, kind: int, hwm: int) -> zmq.Socket:
+        sock = self.ctx.socket(kind)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.SNDHWM, hwm)
+        sock.setsockopt(zmq.RCVHWM, hwm)
+        return sock
+
+    def close(self) -> None:
+        for drain in self._drains:
+            drain.close()
+        for future in [*self._pending.values(), *self._syncs.values()]:
+            if not future.done():
+                future.set_exception(EngineUnavailable("shard stopping"))
+        self.ctx.destroy(linger=0)
+
+    # --------------------------------------------------------- publications
+    def publish(self, channel: str, epoch: str, offset: int, data: bytes) -> None:
+        """Send one publication of a channel homed here to subscribed shards."""
+        try:
+            self.xpub.send_multipart([topic_of(channel), epoch.encode(), b"%d" % offset, data],
+                                     zmq.NOBLOCK)
+        except zmq.Again:
+            self.hwm_drops += 1  # the receiving shard repairs the gap from history
+        self._xpub_drain.kick()
+
+    def subscribe(self, channel: str) -> None:
+        self._sub_option(zmq.SUBSCRIBE, topic_of(channel))
+
+    def unsubscribe(self, channel: str) -> None:
+        self._sub_option(zmq.UNSUBSCRIBE, topic_of(channel))
+
+    def _sub_option(self, option: int, topic: bytes) -> None:
+        # (Un)subscribing sends on the socket, which can swallow the FD's
+        # readable edge: drain once more so nothing waits for the next message.
+        self.sub.setsockopt(option, topic)
+        self._sub_drain.kick()
+
+    def sync(self, home: int, channel: str) -> "asyncio.Future[tuple[str, int]]":
+        """Ask ``home`` for the channel's position through the publication stream
+        (call after ``subscribe(channel)``); resolves to (epoch, offset)."""
+        topic = SYNC + _SYNC_HEAD.pack(home, next(self._nonce)) + channel.encode()
+        future: asyncio.Future[tuple[str, int]] = self.loop.create_future()
+        self._syncs[topic] = future
+        self._sub_option(zmq.SUBSCRIBE, topic)
+
+        def done(_: object) -> None:
+            self._syncs.pop(topic, None)
+            self._sub_option(zmq.UNSUBSCRIBE, topic)
+
+        future.add_done_callback(done)
+        timer = self.loop.call_later(self.request_timeout, lambda: future.done() or future.set_exception(
+            EngineUnavailable(f"shard {home} did not answer a sync for {channel!r}")))
+        future.add_done_callback(lambda _: timer.cancel())
+        return future
+
+    def _on_sub(self, frames: list[bytes]) -> None:
+        topic = frames[0]
+        if topic[:1] == SYNC:
+            future = self._syncs.get(topic)
+            if future is not None and not future.done():
+                future.set_result((frames[2].decode(), int(frames[3])))
+            return
+        self.on_publication(topic, frames[1], int(frames[2]), frames[3])
+
+    def _on_xpub(self, frames: list[bytes]) -> None:
+        message = frames[0]
+        if message[:1] != b"\x01" or message[1:2] != SYNC:
+            return  # channel (un)subscriptions: ZeroMQ filters for us
+        topic = message[1:]
+        home, _nonce = _SYNC_HEAD.unpack_from(topic, 1)
+        if home != self.id:
+            return
+        channel = topic[1 + _SYNC_HEAD.size:].decode()
+        epoch, offset = self.on_sync_request(home, channel)
+        try:
+            self.xpub.send_multipart([topic, b"sync", epoch.encode(), b"%d" % offset], zmq.NOBLOCK)
+        except zmq.Again:
+            self.hwm_drops += 1  # the asking shard times out and answers 503
+
+    # ------------------------------------------------------------- requests
+    async def request(self, peer: int, verb: bytes, *args: bytes,
+                      timeout: float | None = None) -> list[bytes]:
+        """Send a request to ``peer`` and wait for its answer; EngineUnavailable
+        if the peer cannot be reached or does not answer in time."""
+        timeout = self.request_timeout if timeout is None else timeout
+        deadline = time.time() + timeout
+        request_id = b"%d" % next(self._ids)
+        message = [request_id, verb, b"%.3f" % deadline, *args]
+        dealer = self.dealers[peer]
+        while True:
+            try:
+                dealer.send_multipart(message, zmq.NOBLOCK)
+                break
+            except zmq.Again:  # not connected (peer down or restarting): retry until the deadline
+                if time.time() + 0.05 > deadline:
+                    self.requests_failed += 1
+                    raise EngineUnavailable(f"shard {peer} is unreachable") from None
+                await asyncio.sleep(0.05)
+        future: asyncio.Future[list[bytes]] = self.loop.create_future()
+        self._pending[request_id] = future
+        for drain in self._drains[4:]:
+            drain.kick()
+        try:
+            reply = await asyncio.wait_for(future, max(0.0, deadline - time.time()))
+        except asyncio.TimeoutError:
+            self.requests_failed += 1
+            raise EngineUnavailable(f"shard {peer} did not answer in {timeout:.1f}s") from None
+        finally:
+            self._pending.pop(request_id, None)
+        if reply[0] != OK:
+            raise EngineUnavailable(reply[1].decode() if len(reply) > 1 else "request failed")
+        return reply[1:]
+
+    def _on_reply(self, frames: list[bytes]) -> None:
+        future = self._pending.get(frames[0])
+        if future is not None and not future.done():
+            future.set_result(frames[1:])
+
+    def _on_router(self, frames: list[bytes]) -> None:
+        identity, request_id, verb, deadline, *args = frames
+        if float(deadline) < time.time():
+            return  # the asker has given up (and answered 503): do not act late
+        try:
+            result = self.on_request(verb, args)
+        except Exception as exc:  # a bad request must not stop the drain loop
+            log.exception("request %r failed", verb)
+            result = [ERR, str(exc).encode()]
+        if asyncio.iscoroutine(result):
+            task = self.loop.create_task(result)
+            task.add_done_callback(lambda t: self._answer(identity, request_id, t))
+        else:
+            self._send_answer(identity, request_id, result)
+
+    def _answer(self, identity: bytes, request_id: bytes, task: "asyncio.Task[list[bytes]]") -> None:
+        try:
+            result = task.result()
+        except Exception as exc:  # the asker gets the reason, the shard goes on
+            result = [ERR, str(exc).encode()]
+        self._send_answer(identity, request_id, result)
+
+    def _send_answer(self, identity: bytes, request_id: bytes, result: list[bytes]) -> None:
+        try:
+            self.router.send_multipart([identity, request_id, *result], zmq.NOBLOCK)
+        except zmq.ZMQError:
+            self.hwm_drops += 1
+        self._drains[2].kick()
+
+    # ------------------------------------------------------------ supervisor
+    def _on_status(self, frames: list[bytes]) -> None:
+        self.on_status(json.loads(frames[0]))
+
+    def tell_supervisor(self, message: dict[str, Any]) -> None:
+        try:
+            self.control.send(json.dumps(message).encode(), zmq.NOBLOCK)
+        except zmq.Again:
+            log.warning("supervisor control queue full; dropped %s", message)

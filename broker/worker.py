@@ -1,0 +1,89 @@
+"""One shard process: ``python -m broker.worker RUN_DIR SHARD_ID``.
+
+Started by the supervisor. Everything that must not cross a fork is made
+here: the event loop, the ZeroMQ context, the engine. The node's spec
+(config, endpoints, shard count) is read from ``RUN_DIR/cluster.json``.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+
+from .config import Config
+from .engine.cluster import ClusterEngine
+from .engine.journal import Journal
+from .engine.memory import MemoryEngine
+from .router import Endpoints, Router
+from .server import configure_logging, new_loop, serve_shard
+from .shard import Shard
+
+__all__ = ["main", "load_spec", "ORPHAN_CHECK"]
+
+log = logging.getLogger("broker.worker")
+
+ORPHAN_CHECK = 1.0  # seconds between checks that the supervisor is alive
+
+
+def load_spec(run_dir: str) -> dict:
+    with open(os.path.join(run_dir, "cluster.json"), encoding="utf-8") as fh:
+        return json.load(fh)
+
+
+def main(argv: list[str] | None = None) -> int:
+    run_dir, shard_id = (argv or sys.argv[1:])[:2]
+    shard_id_int = int(shard_id)
+    spec = load_spec(run_dir)
+    config = Config.from_dict(spec["config"])
+    configure_logging(config.log_level)
+    loop = new_loop()
+    asyncio.set_event_loop(loop)
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    parent = os.getppid()
+
+    def watch_parent() -> None:
+        if os.getppid() != parent:  # the supervisor died: do not serve unsupervised
+            log.error("shard %d: supervisor %d is gone; draining", shard_id_int, parent)
+            stop.set()
+            return
+        loop.call_later(ORPHAN_CHECK, watch_parent)
+
+    loop.call_later(ORPHAN_CHECK, watch_parent)
+    endpoints = Endpoints.from_dict(spec["endpoints"])
+    shards = len(endpoints.pub)
+    state_dir = config.state_dir or run_dir
+    os.makedirs(state_dir, exist_ok=True)
+    # The journal's name carries the shard count: with another count the
+    # channels have other homes, and old state must not be taken for current.
+    path = os.path.join(state_dir, f"journal-{shard_id_int}-of-{shards}")
+    try:
+        journal = Journal(path)
+    except BlockingIOError:
+        log.error("shard %d: %s is in use by another broker; refusing to start", shard_id_int, path)
+        return 3
+    local = MemoryEngine(config, journal=journal)
+    local.schedule = loop.call_soon
+    router = Router(shard_id_int, endpoints, loop, config.cluster.high_water_mark,
+                    config.cluster.request_timeout)
+    engine = ClusterEngine(config, shard_id_int, shards, router, local)
+    shard = Shard(config, shard_id=shard_id_int, engine=engine, loop=loop)
+    shard.attach_router(router)
+
+    def listening(port: int) -> None:
+        router.tell_supervisor({"ready": shard_id_int, "pid": os.getpid()})
+
+    try:
+        loop.run_until_complete(serve_shard(shard, stop, listening))
+    finally:
+        journal.close()
+        loop.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
