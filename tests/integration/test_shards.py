@@ -248,3 +248,21 @@ def test_sigkill_under_traffic_loses_no_acknowledged_publication(broker_factory)
         expected = [o for o in sorted(acked[channel]) if o > start]
         assert set(expected) <= set(got), f"client {n} {channel}: missing {sorted(set(expected) - set(got))[:5]}"
     assert shard_pids(broker)[1] != pids[1]
+
+
+def test_the_same_routing_works_over_tcp(broker_factory, tmp_path):
+    config = tmp_path / "tcp.toml"
+    config.write_text('[cluster]\ntransport = "tcp"\n')
+    broker = broker_factory("--shards", "2", "--allow-anonymous", "--config", str(config))
+    acked: dict[str, list[int]] = {}
+
+    def during() -> None:
+        acked.update(publish_concurrently(broker, per_thread=20, threads=4))
+
+    subs = asyncio.run(_run_subscribers(broker.ws_url, 40, during, acked))
+    for sub in subs:
+        for channel, reply in sub.replies.items():
+            assert sub.offsets[channel] == list(range(reply["offset"] + 1, len(acked.get(channel, [])) + 1))
+    run_dir = open(broker.log_path).read().split("run dir ")[1].split()[0]
+    with open(f"{run_dir}/cluster.json") as fh:
+        assert json.load(fh)["endpoints"]["pub"][0].startswith("tcp://127.0.0.1:")

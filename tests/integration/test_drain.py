@@ -1,0 +1,77 @@
+"""Graceful stops: nothing acknowledged is lost, clients recover after reconnect."""
+import asyncio
+import signal
+import threading
+import time
+from collections import defaultdict
+
+import pytest
+
+from broker import Client
+from broker.testing import BrokerProcess
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def test_graceful_restart_with_state_dir_loses_no_acknowledged_publication(tmp_path):
+    state = tmp_path / "state"
+    first = BrokerProcess(args=["--shards", "2", "--allow-anonymous", "--state-dir", str(state)],
+                          log_path=str(tmp_path / "first.log")).start()
+    second = BrokerProcess(args=first.args, port=first.port, log_path=str(tmp_path / "second.log"))
+    channels = [f"bill:{i}" for i in range(5)]
+    acked: dict[str, list[int]] = defaultdict(list)
+    received: dict[tuple[int, str], list[int]] = defaultdict(list)
+    start: dict[tuple[int, str], int] = {}
+    lost: list = []
+
+    def publish_all(broker: BrokerProcess, rounds: int) -> None:
+        for i in range(rounds):
+            for channel in channels:
+                reply = broker.publish(channel, {"round": i})
+                acked[channel].append(reply["offset"])
+
+    async def scenario() -> None:
+        clients = [Client(first.ws_url, backoff_initial=0.05, backoff_max=0.3) for _ in range(20)]
+        for n, client in enumerate(clients):
+            await client.connect()
+            for channel in channels[n % 2:n % 2 + 3]:
+                reply = await client.subscribe(
+                    channel, lambda pub, n=n: received[n, pub.channel].append(pub.offset),
+                    on_lost=lambda channel, reason, n=n: lost.append((n, channel, reason)))
+                start[n, channel] = reply["offset"]
+        await asyncio.to_thread(publish_all, first, 10)
+        assert await asyncio.to_thread(first.stop, signal.SIGTERM) == 0
+        await asyncio.to_thread(second.start)
+        await asyncio.to_thread(publish_all, second, 10)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and not all(
+                received[key] and received[key][-1] >= max(acked[key[1]]) for key in start):
+            await asyncio.sleep(0.05)
+        for client in clients:
+            await client.close()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        second.stop()
+    assert "reconnect" not in str(lost)
+    assert not lost, f"recovery failed: {lost[:3]}"
+    for (n, channel), offset in start.items():
+        assert received[n, channel] == [o for o in sorted(acked[channel]) if o > offset], (n, channel)
+    assert all(offsets == list(range(1, 21)) for offsets in map(sorted, acked.values()))
+
+
+def test_drain_tells_every_client_on_every_shard_to_reconnect(broker_factory):
+    from .wsclient import NativeClient
+
+    broker = broker_factory("--shards", "2", "--allow-anonymous")
+    clients = [NativeClient(broker.ws_url) for _ in range(12)]
+    for client in clients:
+        client.subscribe("bill:1")
+    broker.publish("bill:1", "last words")
+    broker.process.send_signal(signal.SIGTERM)
+    for client in clients:
+        assert client.pubs(1)[0]["data"] == "last words"  # flushed before the close
+        message = client.recv()
+        assert message["op"] == "reconnect"
+    assert broker.process.wait(20) == 0
