@@ -126,7 +126,8 @@ class Supervisor:
         try:
             endpoints = make_endpoints(self.config.cluster.transport, self.run_dir, self.config.shards)
             with open(os.path.join(self.run_dir, "cluster.json"), "w", encoding="utf-8") as fh:
-                json.dump({"config": self.config.to_dict(), "endpoints": endpoints.to_dict()}, fh)
+                json.dump({"config": self.config.to_dict(), "endpoints": endpoints.to_dict(),
+                           "supervisor": os.getpid()}, fh)
             self.status_pub = ctx.socket(zmq.PUB)
             self.status_pub.setsockopt(zmq.LINGER, 0)
             self.status_pub.bind(endpoints.status)

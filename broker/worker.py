@@ -44,7 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    parent = os.getppid()
+    # The supervisor's pid comes from the spec, not getppid(): a shard started
+    # just as its supervisor died is already adopted by init at birth.
+    parent = spec["supervisor"]
 
     def watch_parent() -> None:
         if os.getppid() != parent:  # the supervisor died: do not serve unsupervised
@@ -53,7 +55,9 @@ def main(argv: list[str] | None = None) -> int:
             return
         loop.call_later(ORPHAN_CHECK, watch_parent)
 
-    loop.call_later(ORPHAN_CHECK, watch_parent)
+    watch_parent()
+    if stop.is_set():
+        return 1
     endpoints = Endpoints.from_dict(spec["endpoints"])
     shards = len(endpoints.pub)
     state_dir = config.state_dir or run_dir

@@ -266,3 +266,12 @@ def test_the_same_routing_works_over_tcp(broker_factory, tmp_path):
     run_dir = open(broker.log_path).read().split("run dir ")[1].split()[0]
     with open(f"{run_dir}/cluster.json") as fh:
         assert json.load(fh)["endpoints"]["pub"][0].startswith("tcp://127.0.0.1:")
+
+
+def test_shards_stop_when_their_supervisor_is_killed(broker_factory):
+    broker = broker_factory("--shards", "2", "--allow-anonymous")
+    pids = list(shard_pids(broker).values())
+    broker.process.kill()
+    broker.process.wait()
+    gone, alive = psutil.wait_procs([psutil.Process(pid) for pid in pids], timeout=10)
+    assert not alive, "orphaned shards kept serving"
