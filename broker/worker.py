@@ -10,6 +10,7 @@ import asyncio
 import json
 import logging
 import os
+import shutil
 import signal
 import sys
 
@@ -86,6 +87,9 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         journal.close()
         loop.close()
+    if os.getppid() != parent and config.state_dir is None:
+        # Orphaned: nobody will restart us from this run dir or clean it up.
+        shutil.rmtree(run_dir, ignore_errors=True)
     return 0
 
 
