@@ -163,7 +163,8 @@ class _Workers:
         child.close()
         return proc, parent
 
-    def sum(self, slot_index: int, receivers_only: bool = True) -> int:
+    def sum(self, slot_index: int) -> int:
+        """A progress slot summed over the receivers."""
         n = len(self.receivers)
         return sum(self.progress[i * SLOTS + slot_index] for i in range(n))
 
@@ -312,14 +313,14 @@ def run_workload(target: Target, w: Workload, opts: RunOptions) -> dict[str, Any
             pub_budget = w.duration + 30
             pub_pipe.send(("publish", pub_budget))
             deadline = time.monotonic() + pub_budget + 15
-            expected_rate = sum(s["total"] for s in streams)
+            planned = sum(s["total"] for s in streams)
             while not pub_pipe.poll(0.1):
                 if time.monotonic() > deadline:
                     raise TimeoutError("publisher did not finish in time")
                 if not target.alive():
                     raise RuntimeError(f"{target.name} died during the run")
                 published = workers.published()
-                progress.update(f"publish {progress.bar(published, expected_rate)} {published}/{expected_rate}"
+                progress.update(f"publish {progress.bar(published, planned)} {published}/{planned}"
                                 f"  received {workers.sum(SLOT_RECEIVED):,}"
                                 f"  disconnects {workers.sum(SLOT_DISCONNECTS)}")
             pub = _expect(pub_pipe, "published", 1)
@@ -327,7 +328,7 @@ def run_workload(target: Target, w: Workload, opts: RunOptions) -> dict[str, Any
             result["publications_failed"] = pub["failed"]
             result["publish_seconds"] = round(pub["end"] - pub["start"], 3)
             result["errors"].extend(f"publish: {k} x{v}" for k, v in pub["statuses"].items())
-            progress.done(f"published {pub['ok']}/{expected_rate} in {result['publish_seconds']:.2f}s"
+            progress.done(f"published {pub['ok']}/{planned} in {result['publish_seconds']:.2f}s"
                           + (f", {pub['failed']} failed" if pub["failed"] else ""))
 
             # -- drain and collect -----------------------------------------------------
