@@ -37,7 +37,7 @@ CLOSE_GRACE = 5.0  # seconds to wait for the client's close frame before droppin
 class Connection(asyncio.Protocol):
     __slots__ = (
         "shard", "transport", "parser", "cid", "ws", "identity", "deflate", "window_bits",
-        "paused", "closing", "timer", "_url", "_headers", "_head_bytes", "_body", "_body_size",
+        "paused", "closing", "timer", "fd", "_url", "_headers", "_head_bytes", "_body", "_body_size",
         "_refused", "_requests", "_busy", "_fragments", "_commands", "peer", "__weakref__",
     )
 
@@ -51,6 +51,7 @@ class Connection(asyncio.Protocol):
         self.deflate = False
         self.window_bits = 15
         self.paused = False
+        self.fd = -1                       # dup of the socket for direct flushes
         self.closing = False
         self.timer: asyncio.TimerHandle | None = None
         self._url = b""
@@ -78,10 +79,13 @@ class Connection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self.paused = True
+        if self.cid >= 0:
+            self.shard.outbound.set_paused(self.cid, True)
 
     def resume_writing(self) -> None:
         self.paused = False
         if self.cid >= 0:
+            self.shard.outbound.set_paused(self.cid, False)
             self.shard.flush_connection(self)
 
     def data_received(self, data: bytes) -> None:
@@ -235,6 +239,10 @@ class Connection(asyncio.Protocol):
             self.deflate = True
             self.window_bits = accepted.window_bits
         self.ws = ws
+        # Pause as soon as the transport holds any byte: the shard's flush
+        # writes to the socket directly, which is only safe behind an empty
+        # transport buffer (otherwise frames would overtake queued bytes).
+        self.transport.set_write_buffer_limits(high=0)
         self.transport.write(accepted.response)
         self.shard.websocket_opened(self)
         if rest:

@@ -34,6 +34,14 @@ class PowerHistogram:
         counts = self.counts
         counts[index if index < len(counts) else -1] += 1
 
+    @classmethod
+    def from_counts(cls, counts: list[int], total: float, unit: float = 1.0) -> dict[str, Any]:
+        """The snapshot of bucket counts kept elsewhere (the outbound table's)."""
+        histogram = cls(len(counts), unit)
+        histogram.counts = list(counts)
+        histogram.total = total
+        return histogram.snapshot()
+
     def snapshot(self) -> dict[str, Any]:
         """Cumulative buckets as Prometheus wants them: [(upper bound, count), ...]."""
         cumulative, buckets = 0, []

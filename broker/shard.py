@@ -62,11 +62,8 @@ class Shard:
         self.published = 0
         self.delivered = 0
         self.slow_consumers = 0
-        self.frames_out = 0
-        self.bytes_out = 0
         self.bad_commands = 0
         self.connections_total = 0
-        self.batch_lines = PowerHistogram(size=16)
         self.flush_latency = PowerHistogram(size=22, unit=1e-6)  # microsecond buckets up to ~2 s
         self._oldest_pending: float | None = None
         self._sweeper: asyncio.TimerHandle | None = self.loop.call_later(SWEEP_INTERVAL, self._sweep)
@@ -97,6 +94,16 @@ class Shard:
         conn.cid = cid
         self.outbound.open(cid)
         self.connections_total += 1
+        if not conn.deflate and conn.transport is not None:
+            # flush() writes this connection's frames itself, on a dup of
+            # the socket: the dup stays valid until connection_closed closes
+            # it, so a socket number reused by a new connection in between is
+            # never written to by mistake.
+            sock = conn.transport.get_extra_info("socket")
+            if sock is not None:
+                conn.fd = os.dup(sock.fileno())
+                self.outbound.set_fd(cid, conn.fd)
+        self.outbound.set_paused(cid, conn.paused)
 
     def connection_closing(self, conn: Connection) -> None:
         """The close frame is out: nothing more is delivered to or queued for it."""
@@ -118,6 +125,9 @@ class Shard:
         conn.cid = -1
         self._forget(self.subs.remove_connection(cid))
         self.outbound.close(cid)
+        if conn.fd >= 0:
+            os.close(conn.fd)
+            conn.fd = -1
         self._budgets.pop(cid, None)
         self.conns[cid] = None
         self._free_ids.append(cid)
@@ -177,10 +187,22 @@ class Shard:
             self.flush_latency.observe(self.loop.time() - self._oldest_pending)
             self._oldest_pending = None
         conns = self.conns
-        for cid in self.outbound.take_dirty():
+        # One C pass writes the frames of every connection it can; what it
+        # cannot (compressed connections, paused transports, partial writes)
+        # comes back here.
+        deferred, tails = self.outbound.flush()
+        for cid in deferred:
             conn = conns[cid]
             if conn is not None and not conn.paused:
                 self._write_pending(conn)
+        for cid, rest in tails:
+            conn = conns[cid]
+            if conn is None or conn.transport is None:
+                continue
+            if rest is None:  # the socket failed: the transport will report it
+                conn.transport.abort()
+            else:
+                conn.transport.write(rest)  # pauses it until the kernel took it all
         for frames in self._frames.values():
             frames.clear()
 
@@ -190,9 +212,7 @@ class Shard:
             return
         frame = self._frames_for(conn.window_bits).batch_frame(payload, conn.deflate)
         conn.transport.write(frame)
-        self.frames_out += 1
-        self.bytes_out += len(frame)
-        self.batch_lines.observe(payload.count(b"\n"))
+        self.outbound.count_frame(len(frame), payload.count(b"\n"))
 
     def flush_connection(self, conn: Connection, force: bool = False) -> None:
         """Write one connection's pending lines now (resume, close, drain)."""
@@ -397,12 +417,13 @@ class Shard:
             "delivered": self.delivered,
             "slow_consumers": self.slow_consumers,
             "bad_commands": self.bad_commands,
-            "frames_out": self.frames_out,
-            "bytes_out": self.bytes_out,
+            "frames_out": self.outbound.frames_written,
+            "bytes_out": self.outbound.bytes_written,
             "connections_total": self.connections_total,
             "rss_bytes": rss,
             "degradation": 0,
             "engine": self.engine.stats(),
-            "batch_lines": self.batch_lines.snapshot(),
+            "batch_lines": PowerHistogram.from_counts(self.outbound.batch_histogram(),
+                                                      self.outbound.lines_written),
             "flush_latency": self.flush_latency.snapshot(),
         }

@@ -41,7 +41,12 @@ from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes
 from cpython.mem cimport PyMem_Free, PyMem_Malloc, PyMem_Realloc
 from cpython.number cimport PyNumber_Index
 from libc.stdint cimport int32_t, int64_t, uint32_t
-from libc.string cimport memcpy, memmove
+from libc.string cimport memchr, memcpy, memmove, memset
+from libc.errno cimport errno, EAGAIN, EINTR
+
+cdef extern from "<errno.h>":
+    int EWOULDBLOCK
+from posix.uio cimport iovec, writev
 
 from operator import index as _index
 
@@ -54,6 +59,7 @@ cdef enum:
     _MIN_ENTRIES = 8
     _MIN_DIRTY = 64
     _MAX_OPEN = 0x3FFFFFFF
+    _BATCH_BUCKETS = 16   # lines-per-frame histogram: bucket = bit_length(lines)
 
 MIN_ALLOC = _MIN_ALLOC
 
@@ -256,6 +262,8 @@ ctypedef struct Entry:
     Ring ring
     uint32_t cid
     Py_ssize_t dirty      # position in the dirty array, -1 when clean
+    int fd                # socket written by flush(), -1: the caller writes (take())
+    bint paused           # the transport holds unsent bytes: flush() must wait
 
 ctypedef struct Slot:
     uint32_t key
@@ -311,6 +319,10 @@ cdef class OutboundTable:
     cdef Py_ssize_t _dcap
     cdef Py_ssize_t _capacity
     cdef Py_ssize_t _total
+    cdef public long long frames_written
+    cdef public long long bytes_written
+    cdef public long long lines_written
+    cdef long long _batch[_BATCH_BUCKETS]
 
     def __cinit__(self, capacity):
         cdef Py_ssize_t cap = _index(capacity)
@@ -321,6 +333,8 @@ cdef class OutboundTable:
         self._slots = NULL
         self._dirty = NULL
         self._n = self._ecap = self._ndirty = self._dcap = self._total = 0
+        self.frames_written = self.bytes_written = self.lines_written = 0
+        memset(self._batch, 0, sizeof(self._batch))
         self._rehash(_MIN_SLOTS_LOG2)
 
     def __dealloc__(self):
@@ -490,6 +504,8 @@ cdef class OutboundTable:
         e.ring.alloc = e.ring.head = e.ring.size = 0
         e.cid = <uint32_t>c
         e.dirty = -1
+        e.fd = -1
+        e.paused = False
         h = self._home(<uint32_t>c)
         while self._slots[h].idx >= 0:
             h = (h + 1) & self._mask
@@ -643,3 +659,165 @@ cdef class OutboundTable:
             self._dirty = NULL
             self._dcap = 0
         return out
+
+    # -- direct writes: the flush pass ---------------------------------------
+
+    def set_fd(self, cid, int fd):
+        """Let ``flush`` write ``cid``'s frames to socket ``fd`` itself (-1:
+        the caller writes them, via ``take``). The fd must stay valid while
+        set: pass a dup() that the caller closes after ``close(cid)``."""
+        self._get(cid).fd = fd
+
+    def set_paused(self, cid, paused):
+        """While paused (its transport holds unsent bytes), ``flush`` leaves
+        ``cid``'s lines pending: writing past the transport would reorder."""
+        cdef int64_t c = _as_cid(cid)
+        cdef Entry* e = self._find(<uint32_t>c) if c >= 0 else NULL
+        if e != NULL:
+            e.paused = bool(paused)
+
+    cdef void _count_frame(self, Py_ssize_t nbytes, Py_ssize_t lines) noexcept:
+        cdef int bucket = 0
+        self.lines_written += lines
+        while lines > 0 and bucket < _BATCH_BUCKETS - 1:
+            lines >>= 1
+            bucket += 1
+        self._batch[bucket] += 1
+        self.frames_written += 1
+        self.bytes_written += nbytes
+
+    def count_frame(self, Py_ssize_t nbytes, Py_ssize_t lines):
+        """Count a frame the caller wrote itself (same counters as ``flush``)."""
+        self._count_frame(nbytes, lines)
+
+    def batch_histogram(self):
+        """Frames by lines per frame: index i counts frames with bit_length(lines) == i."""
+        return [self._batch[i] for i in range(_BATCH_BUCKETS)]
+
+    def flush(self):
+        """Write every dirty connection's pending lines as ONE text frame.
+
+        Pending bytes must be ``\\n``-terminated lines; the frame carries them
+        without the final newline. For each dirty id with an fd and not
+        paused, one ``writev(header, ring segments)``; its buffer is then
+        empty. Returns ``(deferred, tails)``: ``deferred`` lists the dirty ids
+        the caller must write itself (no fd, or paused; their bytes stay
+        pending), ``tails`` lists ``(cid, rest)`` where the socket took only
+        part of the frame — ``rest`` (bytes) must go to the transport next,
+        before anything else — or ``(cid, None)`` when the socket failed.
+        """
+        cdef list deferred = []
+        cdef list tails = []
+        cdef Py_ssize_t i, first, n, total, lines, sent
+        cdef int j
+        cdef int64_t c
+        cdef Entry* e
+        cdef Ring* r
+        cdef unsigned char header[10]
+        cdef Py_ssize_t hlen
+        cdef iovec iov[3]
+        cdef int niov
+        cdef bytes rest
+        cdef char* out
+        cdef const char* seg
+        for i in range(self._ndirty):
+            c = self._dirty[i]
+            if c < 0:
+                continue
+            e = self._find(<uint32_t>c)
+            if e == NULL:
+                continue
+            e.dirty = -1
+            r = &e.ring
+            if r.size == 0:
+                continue
+            if e.fd < 0 or e.paused:
+                deferred.append(c)
+                continue
+            n = r.size - 1  # payload: without the final newline
+            hlen = _text_header(header, n)
+            iov[0].iov_base = header
+            iov[0].iov_len = hlen
+            first = r.alloc - r.head
+            if first >= n:
+                iov[1].iov_base = r.buf + r.head
+                iov[1].iov_len = n
+                niov = 2
+            else:
+                iov[1].iov_base = r.buf + r.head
+                iov[1].iov_len = first
+                iov[2].iov_base = r.buf
+                iov[2].iov_len = n - first
+                niov = 3
+            lines = 1
+            for j in range(1, niov):
+                seg = <const char*>iov[j].iov_base
+                lines += _count_newlines(seg, <Py_ssize_t>iov[j].iov_len)
+            total = hlen + n
+            while True:
+                sent = writev(e.fd, iov, niov)
+                if sent >= 0 or errno != EINTR:
+                    break
+            if sent == total:
+                self._count_frame(total, lines)
+            elif sent >= 0 or errno == EAGAIN or errno == EWOULDBLOCK:
+                if sent < 0:
+                    sent = 0
+                rest = PyBytes_FromStringAndSize(NULL, total - sent)
+                out = PyBytes_AS_STRING(rest)
+                _copy_iov_from(iov, niov, sent, out)
+                tails.append((c, rest))
+                self._count_frame(total, lines)
+            else:
+                tails.append((c, None))
+            self._total -= r.size
+            _ring_release(r)
+        self._ndirty = 0
+        return deferred, tails
+
+
+cdef inline Py_ssize_t _text_header(unsigned char* out, Py_ssize_t n) noexcept:
+    """An unmasked FIN text frame header for an n-byte payload (RFC 6455 5.2)."""
+    cdef int k
+    out[0] = 0x81
+    if n < 126:
+        out[1] = <unsigned char>n
+        return 2
+    if n < 65536:
+        out[1] = 126
+        out[2] = <unsigned char>(n >> 8)
+        out[3] = <unsigned char>n
+        return 4
+    out[1] = 127
+    for k in range(8):
+        out[2 + k] = <unsigned char>((<unsigned long long>n) >> (56 - 8 * k))
+    return 10
+
+
+cdef inline Py_ssize_t _count_newlines(const char* p, Py_ssize_t n) noexcept:
+    cdef Py_ssize_t count = 0
+    cdef const char* end = p + n
+    cdef const char* hit
+    while p < end:
+        hit = <const char*>memchr(p, 10, <size_t>(end - p))
+        if hit == NULL:
+            break
+        count += 1
+        p = hit + 1
+    return count
+
+
+cdef inline void _copy_iov_from(iovec* iov, int niov, Py_ssize_t skip, char* out) noexcept:
+    """Copy the bytes of iov after the first ``skip`` into out."""
+    cdef int j
+    cdef Py_ssize_t length
+    cdef const char* base
+    for j in range(niov):
+        length = <Py_ssize_t>iov[j].iov_len
+        base = <const char*>iov[j].iov_base
+        if skip >= length:
+            skip -= length
+            continue
+        memcpy(out, base + skip, <size_t>(length - skip))
+        out += length - skip
+        skip = 0

@@ -8,6 +8,8 @@ drained), so both implementations report identical numbers.
 """
 from __future__ import annotations
 
+import os
+
 import sys
 from array import array
 from operator import index as _index
@@ -153,13 +155,20 @@ def _u32_ids(cids: object) -> Iterable[int] | None:
 class OutboundTable:
     """One bounded buffer per open connection: ``OutboundTable(capacity)``."""
 
-    __slots__ = ("_bufs", "_dirty", "_capacity", "_total")
+    __slots__ = ("_bufs", "_dirty", "_capacity", "_total", "_fds", "_paused",
+                 "frames_written", "bytes_written", "lines_written", "_batch")
 
     def __init__(self, capacity: int) -> None:
         self._capacity = _capacity(capacity)
         self._bufs: dict[int, bytearray] = {}
         self._dirty: dict[int, None] = {}  # insertion order = first-dirtied order
         self._total = 0
+        self._fds: dict[int, int] = {}
+        self._paused: set[int] = set()
+        self.frames_written = 0
+        self.bytes_written = 0
+        self.lines_written = 0
+        self._batch = [0] * _BATCH_BUCKETS
 
     def __len__(self) -> int:
         return len(self._bufs)
@@ -194,6 +203,8 @@ class OutboundTable:
         if buf is not None:
             self._total -= len(buf)
             self._dirty.pop(cid, None)
+            self._fds.pop(cid, None)
+            self._paused.discard(cid)
 
     def is_open(self, cid: int) -> bool:
         return _index(cid) in self._bufs
@@ -272,3 +283,90 @@ class OutboundTable:
         ids = list(self._dirty)
         self._dirty.clear()
         return ids
+
+    # -- direct writes: the flush pass ---------------------------------------
+
+    def set_fd(self, cid: int, fd: int) -> None:
+        """Let ``flush`` write ``cid``'s frames to socket ``fd`` itself (-1:
+        the caller writes them, via ``take``). The fd must stay valid while
+        set: pass a dup() that the caller closes after ``close(cid)``."""
+        self._get(cid)
+        if fd < 0:
+            self._fds.pop(_index(cid), None)
+        else:
+            self._fds[_index(cid)] = fd
+
+    def set_paused(self, cid: int, paused: bool) -> None:
+        """While paused (its transport holds unsent bytes), ``flush`` leaves
+        ``cid``'s lines pending: writing past the transport would reorder."""
+        c = _index(cid)
+        if c not in self._bufs:
+            return
+        if paused:
+            self._paused.add(c)
+        else:
+            self._paused.discard(c)
+
+    def count_frame(self, nbytes: int, lines: int) -> None:
+        """Count a frame the caller wrote itself (same counters as ``flush``)."""
+        self._batch[min(lines.bit_length(), _BATCH_BUCKETS - 1)] += 1
+        self.lines_written += lines
+        self.frames_written += 1
+        self.bytes_written += nbytes
+
+    def batch_histogram(self) -> list[int]:
+        """Frames by lines per frame: index i counts frames with bit_length(lines) == i."""
+        return list(self._batch)
+
+    def flush(self) -> tuple[list[int], list[tuple[int, bytes | None]]]:
+        """Write every dirty connection's pending lines as ONE text frame.
+
+        Pending bytes must be ``\\n``-terminated lines; the frame carries them
+        without the final newline. For each dirty id with an fd and not
+        paused, one ``writev(header, payload)``; its buffer is then empty.
+        Returns ``(deferred, tails)``: ``deferred`` lists the dirty ids the
+        caller must write itself (no fd, or paused; their bytes stay
+        pending), ``tails`` lists ``(cid, rest)`` where the socket took only
+        part of the frame — ``rest`` must go to the transport next, before
+        anything else — or ``(cid, None)`` when the socket failed.
+        """
+        deferred: list[int] = []
+        tails: list[tuple[int, bytes | None]] = []
+        for cid in self.take_dirty():
+            buf = self._bufs[cid]
+            if not buf:
+                continue
+            fd = self._fds.get(cid)
+            if fd is None or cid in self._paused:
+                deferred.append(cid)
+                continue
+            payload = bytes(buf[:-1])
+            header = _text_header(len(payload))
+            total = len(header) + len(payload)
+            try:
+                sent = os.writev(fd, [header, payload])
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError:
+                sent = -1
+            if sent < 0:
+                tails.append((cid, None))
+            else:
+                if sent < total:
+                    tails.append((cid, (header + payload)[sent:]))
+                self.count_frame(total, payload.count(b"\n") + 1)
+            self._total -= len(buf)
+            self._bufs[cid] = bytearray()
+        return deferred, tails
+
+
+_BATCH_BUCKETS = 16
+
+
+def _text_header(n: int) -> bytes:
+    """An unmasked FIN text frame header for an n-byte payload (RFC 6455 5.2)."""
+    if n < 126:
+        return bytes((0x81, n))
+    if n < 65536:
+        return bytes((0x81, 126)) + n.to_bytes(2, "big")
+    return bytes((0x81, 127)) + n.to_bytes(8, "big")
