@@ -24,18 +24,25 @@ MAX_HISTORY_LIMIT = 1000
 
 Handler = Callable[["Shard", Request, "re.Match[str]"], Awaitable[Response]]
 _ROUTES: list[tuple[str, re.Pattern[str], Handler, bool]] = []  # method, path, handler, needs key
+# Exact paths (no parameters) by (method, path): one dict lookup on the hot path.
+_EXACT: dict[tuple[str, str], tuple[re.Pattern[str], Handler, bool]] = {}
 
 
 def route(method: str, pattern: str, needs_key: bool = True):
     def register(handler: Handler) -> Handler:
-        _ROUTES.append((method, re.compile(pattern + r"\Z"), handler, needs_key))
+        compiled = re.compile(pattern + r"\Z")
+        _ROUTES.append((method, compiled, handler, needs_key))
+        if "(" not in pattern:
+            _EXACT[method, pattern] = (compiled, handler, needs_key)
         return handler
     return register
 
 
 async def handle(shard: "Shard", request: Request) -> Response:
+    exact = _EXACT.get((request.method, request.path))
+    routes = ((request.method, *exact),) if exact is not None else _ROUTES
     allowed: list[str] = []
-    for method, pattern, handler, needs_key in _ROUTES:
+    for method, pattern, handler, needs_key in routes:
         match = pattern.match(request.path)
         if match is None:
             continue
@@ -92,8 +99,9 @@ def _encode_data(value: Any) -> bytes:
 
 async def _publish(shard: "Shard", channel: str, data: Any) -> Response:
     position = await shard.publish(channel, _encode_data(data))
-    return json_response(200, {"channel": channel, "epoch": position.epoch,
-                               "offset": position.offset})
+    # Channel names and epochs need no JSON escaping (validated ASCII / hex).
+    return Response(200, b'{"channel":"%s","epoch":"%s","offset":%d}' % (
+        channel.encode(), position.epoch.encode(), position.offset))
 
 
 @route("POST", "/api/publish")

@@ -20,7 +20,7 @@ import httptools
 from websockets.frames import Opcode
 from websockets.protocol import OPEN, Protocol, Side
 
-from . import api
+from . import api, eager
 from .handshake import Accepted, negotiate
 from .httpmsg import Request, Response, error_response
 
@@ -38,7 +38,7 @@ class Connection(asyncio.Protocol):
     __slots__ = (
         "shard", "transport", "parser", "cid", "ws", "identity", "deflate", "window_bits",
         "paused", "closing", "timer", "fd", "_url", "_headers", "_head_bytes", "_body", "_body_size",
-        "_refused", "_requests", "_busy", "_fragments", "_commands", "peer", "__weakref__",
+        "_refused", "_requests", "_busy", "_suspended", "_last_request", "_fragments", "_commands", "peer", "__weakref__",
     )
 
     def __init__(self, shard: "Shard") -> None:
@@ -62,6 +62,8 @@ class Connection(asyncio.Protocol):
         self._refused: Response | None = None
         self._requests: collections.deque[Request] = collections.deque()
         self._busy = False
+        self._suspended = False
+        self._last_request = 0.0
         self._fragments: list[bytes] | None = None
         self._commands: collections.deque[str] = collections.deque()
 
@@ -69,6 +71,7 @@ class Connection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         self.shard.http_opened(self)
+        self._last_request = self.shard.loop.time()
         self._arm_timer()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -122,9 +125,17 @@ class Connection(asyncio.Protocol):
             self.timer = None
 
     def _timed_out(self) -> None:
+        """Close a connection that sat idle (or mid-request) for the handshake
+        timeout. Requests only record their time; the timer re-arms itself."""
         self.timer = None
-        if self.ws is None and self.transport is not None and not self._requests and not self._busy:
-            self.transport.close()
+        if self.ws is not None or self.transport is None:
+            return
+        timeout = self.shard.config.limits.handshake_timeout
+        idle = self.shard.loop.time() - self._last_request
+        if idle < timeout or self._busy:
+            self.timer = self.shard.loop.call_later(max(timeout - idle, 0.05), self._timed_out)
+            return
+        self.transport.close()
 
     # -------------------------------------------------- httptools callbacks
     def on_message_begin(self) -> None:
@@ -171,10 +182,9 @@ class Connection(asyncio.Protocol):
         if self.parser.should_upgrade():
             return  # handled by HttpParserUpgrade in data_received
         self._requests.append(self._request(keep_alive=self.parser.should_keep_alive()))
-        self._arm_timer()
+        self._last_request = self.shard.loop.time()
         if not self._busy:
-            self._busy = True
-            self.shard.loop.create_task(self._serve_requests())
+            self._serve_requests()
 
     def _request(self, keep_alive: bool) -> Request:
         url = httptools.parse_url(self._url) if self._url else None
@@ -183,25 +193,33 @@ class Connection(asyncio.Protocol):
         method = self.parser.get_method().decode() if self.parser else "GET"
         return Request(method, path, query, self._headers, b"".join(self._body), keep_alive)
 
-    async def _serve_requests(self) -> None:
-        try:
-            while self._requests and self.transport is not None:
-                request = self._requests.popleft()
-                try:
-                    response = await api.handle(self.shard, request)
-                except Exception:  # never crash the shard on one request
-                    log.exception("API handler failed for %s %s", request.method, request.path)
-                    response = error_response(500, "internal error")
-                if self.transport is None:
-                    return
-                keep_alive = request.keep_alive and not response.close
-                self.transport.write(response.encode(keep_alive))
-                if not keep_alive:
-                    self.parser = None
-                    self.transport.close()
-                    return
-        finally:
-            self._busy = False
+    def _serve_requests(self) -> None:
+        """Answer queued requests in order; each handler runs eagerly and only
+        one that suspends (a remote home shard) holds the queue in a task."""
+        while self._requests and self.transport is not None and not self._busy:
+            request = self._requests.popleft()
+            self._busy = True
+            self._suspended = False
+            if not eager.start(self.shard.loop, api.handle(self.shard, request),
+                               lambda response, error, r=request: self._answer(r, response, error)):
+                self._suspended = True  # _answer continues the queue when it ends
+                return
+
+    def _answer(self, request: Request, response: Response | None, error: BaseException | None) -> None:
+        self._busy = False
+        if error is not None or response is None:  # never crash the shard on one request
+            log.error("API handler failed for %s %s", request.method, request.path, exc_info=error)
+            response = error_response(500, "internal error")
+        if self.transport is None:
+            return
+        keep_alive = request.keep_alive and not response.close
+        self.transport.write(response.encode(keep_alive))
+        if not keep_alive:
+            self.parser = None
+            self.transport.close()
+            return
+        if self._suspended and self._requests:
+            self._serve_requests()
 
     def _refuse(self, response: Response) -> None:
         """Answer an HTTP error and close: the request cannot be trusted further."""

@@ -33,14 +33,21 @@ class Response:
     close: bool = False
 
     def encode(self, keep_alive: bool = True) -> bytes:
-        reason = HTTPStatus(self.status).phrase if self.status in HTTPStatus._value2member_map_ else ""
-        lines = [f"HTTP/1.1 {self.status} {reason}",
-                 f"Content-Type: {self.content_type}",
-                 f"Content-Length: {len(self.body)}"]
-        lines.extend(f"{name}: {value}" for name, value in self.headers)
+        head = _heads.get((self.status, self.content_type))
+        if head is None:
+            reason = _REASONS.get(self.status, "")
+            head = _heads[self.status, self.content_type] = (
+                f"HTTP/1.1 {self.status} {reason}\r\nContent-Type: {self.content_type}\r\n"
+                "Content-Length: ").encode("latin-1")
+        extra = "".join(f"{name}: {value}\r\n" for name, value in self.headers) if self.headers else ""
         if not keep_alive or self.close:
-            lines.append("Connection: close")
-        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + self.body
+            extra += "Connection: close\r\n"
+        return b"%s%d\r\n%s\r\n%s" % (head, len(self.body), extra.encode("latin-1"), self.body)
+
+
+_REASONS = {status.value: status.phrase for status in HTTPStatus}
+# "HTTP/1.1 <status>\r\nContent-Type: <type>\r\nContent-Length: " per (status, type)
+_heads: dict[tuple[int, str], bytes] = {}
 
 
 def json_response(status: int, value: Any, **kwargs: Any) -> Response:

@@ -116,6 +116,7 @@ class Router:
         self.ctx = zmq.Context()
         self.hwm_drops = 0
         self.requests_failed = 0
+        self.remote_topics: set[bytes] = set()  # topics some other shard subscribed to
         # callbacks set by the cluster engine / shard
         self.on_publication: Callable[[bytes, bytes, int, bytes], None] = lambda *a: None
         self.on_sync_request: Callable[[int, str], tuple[str, int]] = lambda *a: ("", 0)
@@ -176,9 +177,11 @@ class Router:
     # --------------------------------------------------------- publications
     def publish(self, channel: str, epoch: str, offset: int, data: bytes) -> None:
         """Send one publication of a channel homed here to subscribed shards."""
+        topic = topic_of(channel)
+        if topic not in self.remote_topics:
+            return  # no other shard subscribed: skip ZeroMQ altogether
         try:
-            self.xpub.send_multipart([topic_of(channel), epoch.encode(), b"%d" % offset, data],
-                                     zmq.NOBLOCK)
+            self.xpub.send_multipart([topic, epoch.encode(), b"%d" % offset, data], zmq.NOBLOCK)
         except zmq.Again:
             self.hwm_drops += 1  # the receiving shard repairs the gap from history
         self._xpub_drain.kick()
@@ -224,8 +227,16 @@ class Router:
 
     def _on_xpub(self, frames: list[bytes]) -> None:
         message = frames[0]
-        if message[:1] != b"\x01" or message[1:2] != SYNC:
-            return  # channel (un)subscriptions: ZeroMQ filters for us
+        if message[1:2] != SYNC:
+            # A channel's first subscriber anywhere (1) or its last leaving (0):
+            # XPUB reports each once (not verbose), also when a peer dies.
+            if message[:1] == b"\x01":
+                self.remote_topics.add(message[1:])
+            elif message[:1] == b"\x00":
+                self.remote_topics.discard(message[1:])
+            return
+        if message[:1] != b"\x01":
+            return
         topic = message[1:]
         home, _nonce = _SYNC_HEAD.unpack_from(topic, 1)
         if home != self.id:
