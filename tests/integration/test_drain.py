@@ -53,7 +53,8 @@ def test_graceful_restart_with_state_dir_loses_no_acknowledged_publication(tmp_p
     try:
         asyncio.run(scenario())
     finally:
-        second.stop()
+        for broker in (first, second):
+            broker.stop()
     assert "reconnect" not in str(lost)
     assert not lost, f"recovery failed: {lost[:3]}"
     for (n, channel), offset in start.items():
