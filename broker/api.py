@@ -129,6 +129,33 @@ async def broadcast(shard: "Shard", request: Request, match: re.Match[str]) -> R
     return json_response(200, {"results": results})
 
 
+MAX_BATCH = 10000
+
+
+@route("POST", "/api/publish/batch")
+async def publish_batch(shard: "Shard", request: Request, match: re.Match[str]) -> Response:
+    """Many publications (each its own channel and data) in one request: one
+    HTTP round trip instead of N. Validated whole first: one bad item, and
+    nothing is published."""
+    body = _json_body(request)
+    items = body.get("publications") if isinstance(body, dict) else None
+    if not isinstance(items, list) or not items:
+        raise _BadRequest('body must be {"publications": [{"channel": "...", "data": ...}, ...]}')
+    if len(items) > MAX_BATCH:
+        raise _BadRequest(f"at most {MAX_BATCH} publications per batch", status=413)
+    prepared = []
+    for index, item in enumerate(items):
+        if not isinstance(item, dict) or "channel" not in item or "data" not in item:
+            raise _BadRequest(f"publications[{index}] must be {{\"channel\": ..., \"data\": ...}}")
+        prepared.append((_publishable(shard, item["channel"]), _encode_data(item["data"])))
+    results = []
+    for channel, data_json in prepared:
+        position = await shard.publish(channel, data_json)
+        results.append(b'{"channel":"%s","epoch":"%s","offset":%d}' % (
+            channel.encode(), position.epoch.encode(), position.offset))
+    return Response(200, b'{"results":[' + b",".join(results) + b"]}")
+
+
 @route("POST", r"/api/bills/(?P<id>[^/]+)/updates")
 async def bill_update(shard: "Shard", request: Request, match: re.Match[str]) -> Response:
     return await _publish(shard, _publishable(shard, f"bill:{match['id']}"), _json_body(request))

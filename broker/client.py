@@ -103,6 +103,10 @@ class _Api:
     def _broadcast(self, channels: Iterable[str], data: object) -> tuple[str, str, bytes | None]:
         return "POST", "/api/broadcast", _compact({"channels": list(channels), "data": data})
 
+    def _batch(self, publications: Iterable[tuple[str, object]]) -> tuple[str, str, bytes | None]:
+        items = [{"channel": channel, "data": data} for channel, data in publications]
+        return "POST", "/api/publish/batch", _compact({"publications": items})
+
     def _bill(self, bill_id: object, update: object) -> tuple[str, str, bytes | None]:
         return "POST", f"/api/bills/{quote(str(bill_id), safe='')}/updates", _compact(update)
 
@@ -138,6 +142,11 @@ class Publisher(_Api):
     def broadcast(self, channels: Iterable[str], data: object) -> dict[str, Any]:
         """``{"results": [{"channel","offset"}, ...]}``; all or nothing."""
         return self._call(*self._broadcast(channels, data))
+
+    def publish_batch(self, publications: Iterable[tuple[str, object]]) -> dict[str, Any]:
+        """Many ``(channel, data)`` publications in one request:
+        ``{"results": [{"channel","epoch","offset"}, ...]}`` in order; all or nothing."""
+        return self._call(*self._batch(publications))
 
     def broadcast_bill_update(self, bill_id: object, update: object) -> dict[str, Any]:
         """Publish ``update`` to ``bill:<bill_id>``."""
@@ -249,6 +258,9 @@ class AsyncPublisher(_Api):
 
     async def broadcast(self, channels: Iterable[str], data: object) -> dict[str, Any]:
         return await self._call(*self._broadcast(channels, data))
+
+    async def publish_batch(self, publications: Iterable[tuple[str, object]]) -> dict[str, Any]:
+        return await self._call(*self._batch(publications))
 
     async def broadcast_bill_update(self, bill_id: object, update: object) -> dict[str, Any]:
         return await self._call(*self._bill(bill_id, update))

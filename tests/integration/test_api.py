@@ -103,3 +103,25 @@ def test_keep_alive_serves_many_requests_on_one_connection(broker):
                      {"Authorization": f"apikey {broker.api_key}"})
         response = conn.getresponse()
         assert response.status == 200 and json.loads(response.read())["offset"] == i + 1
+
+
+def test_publish_batch_many_channels_in_one_request(broker):
+    from broker import Publisher
+
+    with NativeClient(broker.ws_url, token=broker.token("u7")) as c:
+        c.subscribe("user:u7")
+        c.subscribe("bill:b1")
+        with Publisher(broker.url, api_key=broker.api_key) as pub:
+            reply = pub.publish_batch([("user:u7", {"n": 1}), ("bill:b1", {"n": 2}), ("user:u7", {"n": 3})])
+        assert [(r["channel"], r["offset"]) for r in reply["results"]] == [
+            ("user:u7", 1), ("bill:b1", 1), ("user:u7", 2)]
+        assert [(p["channel"], p["data"]["n"]) for p in c.pubs(3)] == [
+            ("user:u7", 1), ("bill:b1", 2), ("user:u7", 3)]
+
+
+def test_publish_batch_is_refused_whole(broker):
+    status, body = broker.api("POST", "/api/publish/batch", {"publications": [
+        {"channel": "user:1", "data": 1}, {"channel": "nope", "data": 2}]})
+    assert status == 400 and "publications" not in body and "nope" in body["error"]
+    assert broker.api("GET", "/api/history?channel=user:1")[1]["offset"] == 0
+    assert broker.api("POST", "/api/publish/batch", {"publications": []})[0] == 400
