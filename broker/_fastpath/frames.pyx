@@ -31,6 +31,7 @@ Choices where the contract is silent (same in the twin):
   (compress=True then raises ValueError). Any object with a
   ``compress(payload) -> bytes`` method serves as the deflater.
 """
+from broker._fastpath.wsheader cimport _header_size, _write_header
 cimport cython
 from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
@@ -99,33 +100,6 @@ cdef inline int _check_opcode(object opcode) except -1:
     if op not in (_OP_CONT, _OP_TEXT, _OP_BINARY, _OP_CLOSE, _OP_PING, _OP_PONG):
         raise ValueError(f"invalid opcode {op!r}")
     return op
-
-
-cdef inline Py_ssize_t _write_header(unsigned char* out, unsigned long long length,
-                                     int opcode, bint fin, bint rsv1) noexcept nogil:
-    """Write the header into out (>= _MAX_HEADER bytes); returns its size."""
-    cdef int i
-    out[0] = <unsigned char>((0x80 if fin else 0) | (0x40 if rsv1 else 0) | opcode)
-    if length < 126:
-        out[1] = <unsigned char>length
-        return 2
-    if length < 65536:
-        out[1] = 126
-        out[2] = <unsigned char>(length >> 8)
-        out[3] = <unsigned char>length
-        return 4
-    out[1] = 127
-    for i in range(8):
-        out[2 + i] = <unsigned char>(length >> (56 - 8 * i))
-    return 10
-
-
-cdef inline Py_ssize_t _header_size(Py_ssize_t length) noexcept nogil:
-    if length < 126:
-        return 2
-    if length < 65536:
-        return 4
-    return 10
 
 
 cdef bytes _frame(const char* payload, Py_ssize_t n, bint rsv1):

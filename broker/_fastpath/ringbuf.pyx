@@ -48,6 +48,8 @@ cdef extern from "<errno.h>":
     int EWOULDBLOCK
 from posix.uio cimport iovec, writev
 
+from broker._fastpath.wsheader cimport _write_header
+
 from operator import index as _index
 
 __all__ = ["RingBuffer", "OutboundTable", "MIN_ALLOC"]
@@ -735,7 +737,7 @@ cdef class OutboundTable:
                 deferred.append(c)
                 continue
             n = r.size - 1  # payload: without the final newline
-            hlen = _text_header(header, n)
+            hlen = _write_header(header, <unsigned long long>n, 1, True, False)
             iov[0].iov_base = header
             iov[0].iov_len = hlen
             first = r.alloc - r.head
@@ -774,24 +776,6 @@ cdef class OutboundTable:
             _ring_release(r)
         self._ndirty = 0
         return deferred, tails
-
-
-cdef inline Py_ssize_t _text_header(unsigned char* out, Py_ssize_t n) noexcept:
-    """An unmasked FIN text frame header for an n-byte payload (RFC 6455 5.2)."""
-    cdef int k
-    out[0] = 0x81
-    if n < 126:
-        out[1] = <unsigned char>n
-        return 2
-    if n < 65536:
-        out[1] = 126
-        out[2] = <unsigned char>(n >> 8)
-        out[3] = <unsigned char>n
-        return 4
-    out[1] = 127
-    for k in range(8):
-        out[2 + k] = <unsigned char>((<unsigned long long>n) >> (56 - 8 * k))
-    return 10
 
 
 cdef inline Py_ssize_t _count_newlines(const char* p, Py_ssize_t n) noexcept:

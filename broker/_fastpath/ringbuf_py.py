@@ -13,6 +13,8 @@ import os
 import sys
 from array import array
 from operator import index as _index
+
+from .frames_py import frame_header
 from typing import Iterable, Union
 
 __all__ = ["RingBuffer", "OutboundTable", "MIN_ALLOC"]
@@ -341,7 +343,7 @@ class OutboundTable:
                 deferred.append(cid)
                 continue
             payload = bytes(buf[:-1])
-            header = _text_header(len(payload))
+            header = frame_header(len(payload))
             total = len(header) + len(payload)
             try:
                 sent = os.writev(fd, [header, payload])
@@ -361,12 +363,3 @@ class OutboundTable:
 
 
 _BATCH_BUCKETS = 16
-
-
-def _text_header(n: int) -> bytes:
-    """An unmasked FIN text frame header for an n-byte payload (RFC 6455 5.2)."""
-    if n < 126:
-        return bytes((0x81, n))
-    if n < 65536:
-        return bytes((0x81, 126)) + n.to_bytes(2, "big")
-    return bytes((0x81, 127)) + n.to_bytes(8, "big")
