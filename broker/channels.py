@@ -38,10 +38,9 @@ def validate_channel(channel: object) -> str:
 
 def namespace_of(config: Config, channel: str) -> Namespace:
     """The namespace policy of a valid channel name, or 404."""
-    name, _, _ = channel.partition(":")
-    namespace = config.namespaces.get(name)
+    namespace = config.namespace_for(channel)
     if namespace is None:
-        raise ProtocolViolation(404, f"unknown namespace {name!r}")
+        raise ProtocolViolation(404, f"unknown namespace {channel.partition(':')[0]!r}")
     return namespace
 
 

@@ -52,7 +52,7 @@ class MemoryEngine(Engine):
         self.forward: Callable[[str, str, int, bytes], None] | None = None
 
     def _bounds(self, channel: str) -> tuple[int, float]:
-        namespace = self._config.namespaces.get(channel.partition(":")[0])
+        namespace = self._config.namespace_for(channel)
         return (namespace.history_size, namespace.history_ttl) if namespace else (0, 0.0)
 
     def _restore(self, logs: dict[str, ChannelLog]) -> None:
