@@ -1,7 +1,6 @@
 """Graceful stops: nothing acknowledged is lost, clients recover after reconnect."""
 import asyncio
 import signal
-import threading
 import time
 from collections import defaultdict
 

@@ -1,8 +1,5 @@
 """Stopping, slow consumers and other things that end connections."""
-import json
 import signal
-import socket
-import time
 
 import pytest
 from websockets.exceptions import ConnectionClosed

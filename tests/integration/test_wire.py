@@ -1,6 +1,5 @@
 """Handshake refusals and RFC 6455 violations, with raw sockets."""
 import json
-import socket
 import time
 
 import pytest
