@@ -13,6 +13,8 @@ from websockets.asyncio.client import connect
 
 from broker.testing import http_json
 
+from .wsclient import NativeClient
+
 pytestmark = pytest.mark.timeout(120)
 
 CHANNELS = [f"bill:{i}" for i in range(6)]
@@ -132,12 +134,23 @@ def test_cluster_stats_metrics_and_readyz_cover_every_shard(broker_factory):
     assert sorted(pids) == [0, 1] and len(set(pids.values())) == 2
     for pid in pids.values():
         assert psutil.Process(pid).ppid() == broker.process.pid
-    status, text = http_json("GET", broker.url + "/metrics")
+    with NativeClient(broker.ws_url) as client:  # something to count and to time
+        client.subscribe("bill:m")
+        broker.publish("bill:m", 1)
+        client.pubs(1)
+        status, text = http_json("GET", broker.url + "/metrics")
     assert status == 200
     for shard in ("0", "1"):
         assert f'broker_shard_up{{shard="{shard}"}} 1.0' in text
-        assert f'broker_connections{{shard="{shard}"}}' in text
-    assert "broker_zmq_hwm_drops_total" in text
+        for series in ("broker_connections", "broker_subscriptions", "broker_publications_total",
+                       "broker_deliveries_total", "broker_bytes_out_total", "broker_rss_bytes",
+                       "broker_slow_consumer_drops_total", "broker_zmq_hwm_drops_total",
+                       "broker_degradation_level", "broker_batch_lines_count",
+                       "broker_publish_to_flush_seconds_count"):
+            assert f'{series}{{shard="{shard}"}}' in text, series
+    assert 'broker_batch_lines_bucket{le="1.0",shard=' in text
+    assert sum(float(line.split()[-1]) for line in text.splitlines()
+               if line.startswith("broker_deliveries_total{")) == 1
 
 
 def _wait_replaced(broker, shard: int, old_pid: int, within: float) -> tuple[dict[int, int], bool]:
