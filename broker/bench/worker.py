@@ -441,13 +441,14 @@ async def _drain(receivers: list[Receiver], finals: dict[str, int], timeout: flo
         await asyncio.sleep(0.05)
 
 
-def receiver_main(conn: Any, progress: Any, base: int, params: dict[str, Any]) -> None:
-    """Entry point of a receiver process."""
+def _process_main(main: Any, conn: Any, progress: Any, base: int, params: dict[str, Any]) -> None:
+    """Run one load-generator process's coroutine under its time budget, then
+    exit without the interpreter's teardown of thousands of transports."""
     _install_budget(params["budget"])
     raise_nofile_limit()
     loop = _new_loop()
     try:
-        loop.run_until_complete(_receivers(conn, progress, base, params))
+        loop.run_until_complete(main(conn, progress, base, params))
     except KeyboardInterrupt:  # pragma: no cover
         pass
     finally:
@@ -455,9 +456,13 @@ def receiver_main(conn: Any, progress: Any, base: int, params: dict[str, Any]) -
             conn.close()
         except OSError:
             pass
-    # Skip interpreter teardown of thousands of transports.
     sys.stdout.flush()
     os._exit(0)
+
+
+def receiver_main(conn: Any, progress: Any, base: int, params: dict[str, Any]) -> None:
+    """Entry point of a receiver process."""
+    _process_main(_receivers, conn, progress, base, params)
 
 
 # -- publisher ---------------------------------------------------------------------------
@@ -612,17 +617,4 @@ async def _publisher(conn: Any, progress: Any, base: int, params: dict[str, Any]
 
 def publisher_main(conn: Any, progress: Any, base: int, params: dict[str, Any]) -> None:
     """Entry point of the publisher process."""
-    _install_budget(params["budget"])
-    raise_nofile_limit()
-    loop = _new_loop()
-    try:
-        loop.run_until_complete(_publisher(conn, progress, base, params))
-    except KeyboardInterrupt:  # pragma: no cover
-        pass
-    finally:
-        try:
-            conn.close()
-        except OSError:
-            pass
-    sys.stdout.flush()
-    os._exit(0)
+    _process_main(_publisher, conn, progress, base, params)
