@@ -38,7 +38,7 @@ class Connection(asyncio.Protocol):
     __slots__ = (
         "shard", "transport", "parser", "cid", "ws", "identity", "deflate", "window_bits",
         "paused", "closing", "timer", "fd", "_url", "_headers", "_head_bytes", "_body", "_body_size",
-        "_refused", "_requests", "_busy", "_suspended", "_last_request", "_fragments", "_commands", "peer", "__weakref__",
+        "_refused", "_requests", "_busy", "_suspended", "_last_request", "_fragments", "_commands", "__weakref__",
     )
 
     def __init__(self, shard: "Shard") -> None:
@@ -70,7 +70,6 @@ class Connection(asyncio.Protocol):
     # ----------------------------------------------------------- transport
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
-        self.shard.http_opened(self)
         self._last_request = self.shard.loop.time()
         self._arm_timer()
 

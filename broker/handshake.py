@@ -18,14 +18,12 @@ from websockets.extensions.permessage_deflate import PerMessageDeflate, ServerPe
 from websockets.headers import build_extension, parse_extension
 from websockets.utils import accept_key
 
-from .auth import Identity, verify_token
+from .auth import ANONYMOUS, verify_token
 from .config import Config
 from .errors import AuthError
 from .httpmsg import Request, Response, error_response
 
-__all__ = ["Accepted", "negotiate", "ANONYMOUS"]
-
-ANONYMOUS = Identity(user=None, channels=frozenset(), anonymous=True)
+__all__ = ["Accepted", "negotiate"]
 
 # No context takeover in either direction: the server can compress a shared
 # batch once for every connection, and an idle connection holds no zlib state.

@@ -110,7 +110,6 @@ class Router:
     def __init__(self, shard_id: int, endpoints: Endpoints, loop: asyncio.AbstractEventLoop,
                  high_water_mark: int, request_timeout: float) -> None:
         self.id = shard_id
-        self.n = len(endpoints.pub)
         self.loop = loop
         self.request_timeout = request_timeout
         self.ctx = zmq.Context()
@@ -120,7 +119,7 @@ class Router:
         # callbacks set by the cluster engine / shard
         self.on_publication: Callable[[bytes, bytes, int, bytes], None] = lambda *a: None
         self.on_sync_request: Callable[[int, str], tuple[str, int]] = lambda *a: ("", 0)
-        self.on_request: Callable[[bytes, list[bytes]], Any] = lambda *a: [ERR, b"no handler"]
+        self.on_request: Callable[[bytes, list[bytes]], list[bytes]] = lambda *a: [ERR, b"no handler"]
         self.on_status: Callable[[dict[str, Any]], None] = lambda status: None
 
         self.xpub = self._socket(zmq.XPUB, high_water_mark)
@@ -149,15 +148,13 @@ class Router:
         self._syncs: dict[bytes, asyncio.Future[tuple[str, int]]] = {}
         self._ids = itertools.count(1)
         self._nonce = itertools.count(int.from_bytes(os.urandom(4), "big") << 20)
-        self._drains = [
-            _Drain(loop, self.sub, self._on_sub),
-            _Drain(loop, self.xpub, self._on_xpub),
-            _Drain(loop, self.router, self._on_router),
-            _Drain(loop, self.status, self._on_status),
-            *(_Drain(loop, dealer, self._on_reply) for dealer in self.dealers.values()),
-        ]
-        self._sub_drain = self._drains[0]
-        self._xpub_drain = self._drains[1]
+        self._sub_drain = _Drain(loop, self.sub, self._on_sub)
+        self._xpub_drain = _Drain(loop, self.xpub, self._on_xpub)
+        self._router_drain = _Drain(loop, self.router, self._on_router)
+        self._reply_drains = {peer: _Drain(loop, dealer, self._on_reply)
+                              for peer, dealer in self.dealers.items()}
+        self._drains = [self._sub_drain, self._xpub_drain, self._router_drain,
+                        _Drain(loop, self.status, self._on_status), *self._reply_drains.values()]
 
     def _socket(self, kind: int, hwm: int) -> zmq.Socket:
         sock = self.ctx.socket(kind)
@@ -269,8 +266,7 @@ class Router:
                 await asyncio.sleep(0.05)
         future: asyncio.Future[list[bytes]] = self.loop.create_future()
         self._pending[request_id] = future
-        for drain in self._drains[4:]:
-            drain.kick()
+        self._reply_drains[peer].kick()
         try:
             reply = await asyncio.wait_for(future, max(0.0, deadline - time.time()))
         except asyncio.TimeoutError:
@@ -296,25 +292,11 @@ class Router:
         except Exception as exc:  # a bad request must not stop the drain loop
             log.exception("request %r failed", verb)
             result = [ERR, str(exc).encode()]
-        if asyncio.iscoroutine(result):
-            task = self.loop.create_task(result)
-            task.add_done_callback(lambda t: self._answer(identity, request_id, t))
-        else:
-            self._send_answer(identity, request_id, result)
-
-    def _answer(self, identity: bytes, request_id: bytes, task: "asyncio.Task[list[bytes]]") -> None:
-        try:
-            result = task.result()
-        except Exception as exc:  # the asker gets the reason, the shard goes on
-            result = [ERR, str(exc).encode()]
-        self._send_answer(identity, request_id, result)
-
-    def _send_answer(self, identity: bytes, request_id: bytes, result: list[bytes]) -> None:
         try:
             self.router.send_multipart([identity, request_id, *result], zmq.NOBLOCK)
         except zmq.ZMQError:
             self.hwm_drops += 1
-        self._drains[2].kick()
+        self._router_drain.kick()
 
     # ------------------------------------------------------------ supervisor
     def _on_status(self, frames: list[bytes]) -> None:

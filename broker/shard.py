@@ -52,11 +52,9 @@ class Shard:
         self.conns: list[Connection | None] = []
         self._free_ids: list[int] = []
         self._budgets: dict[int, BadCommandBudget] = {}
-        self.http_conns = 0
         self.draining = False
         self._flush_handle: asyncio.Handle | asyncio.TimerHandle | None = None
         self._process = psutil.Process(os.getpid())
-        self.started = time.time()
         self.node_id = f"{socket.gethostname()}:{config.port}"
         # counters since start
         self.published = 0
@@ -72,9 +70,6 @@ class Shard:
     def protocol_factory(self) -> Connection:
         return Connection(self)
 
-    def http_opened(self, conn: Connection) -> None:
-        self.http_conns += 1
-
     def admission_refusal(self) -> Response | None:
         if self.draining:
             return error_response(503, "draining: reconnect to another node",
@@ -85,7 +80,6 @@ class Shard:
         return None
 
     def websocket_opened(self, conn: Connection) -> None:
-        self.http_conns -= 1
         cid = self._free_ids.pop() if self._free_ids else len(self.conns)
         if cid == len(self.conns):
             self.conns.append(conn)
@@ -120,11 +114,9 @@ class Shard:
     def connection_closed(self, conn: Connection) -> None:
         cid = conn.cid
         if cid < 0:
-            self.http_conns -= 1
             return
+        self.connection_closing(conn)
         conn.cid = -1
-        self._forget(self.subs.remove_connection(cid))
-        self.outbound.close(cid)
         if conn.fd >= 0:
             os.close(conn.fd)
             conn.fd = -1
