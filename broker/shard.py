@@ -328,9 +328,7 @@ class Shard:
             self._flush_handle = None
 
     def _sweep(self) -> None:
-        sweep = getattr(self.engine, "sweep", None)
-        if sweep is not None:
-            sweep(lambda channel: self.subs.count(channel) > 0)
+        self.engine.sweep(lambda channel: self.subs.count(channel) > 0)
         self._sweeper = self.loop.call_later(SWEEP_INTERVAL, self._sweep)
 
     # ------------------------------------------------------------ cluster
@@ -338,7 +336,7 @@ class Shard:
         """Join the node's other shards (see broker.router)."""
         self.router = router
         router.on_status = self._on_status
-        self.engine.stats_provider = self.stats  # type: ignore[attr-defined]
+        self.engine.stats_provider = self.stats  # type: ignore[attr-defined]  # ClusterEngine
 
     def _on_status(self, status: dict[str, Any]) -> None:
         previous = self.cluster_status
@@ -348,9 +346,7 @@ class Shard:
         old_pids = {s["id"]: s["pid"] for s in previous["shards"]}
         for shard in status["shards"]:
             if shard["id"] != self.id and shard["up"] and old_pids.get(shard["id"]) != shard["pid"]:
-                resync = getattr(self.engine, "resync_home", None)
-                if resync is not None:
-                    resync(shard["id"])
+                self.engine.resync_home(shard["id"])
 
     def not_ready_reason(self) -> str | None:
         """Why /readyz is 503, or None when this node accepts traffic."""

@@ -68,6 +68,13 @@ class Engine(abc.ABC):
     def release(self, channel: str) -> None:
         """The last local subscriber of ``channel`` left."""
 
+    def sweep(self, is_active: Callable[[str], bool]) -> int:
+        """Forget idle channel state (none is active locally); returns how many."""
+        return 0
+
+    def resync_home(self, shard_id: int) -> None:
+        """Shard ``shard_id`` was restarted: re-check the streams it sequences."""
+
     def stats(self) -> dict[str, int]:
         return {}
 

@@ -19,7 +19,7 @@ import asyncio
 import json
 import logging
 import zlib
-from typing import Any
+from typing import Any, Callable
 
 from ..config import Config
 from ..errors import EngineUnavailable
@@ -64,6 +64,8 @@ class ClusterEngine(Engine):
         self._cursors: dict[str, _Cursor] = {}
         self.repairs = 0
         self.lost_streams = 0
+        # The shard's own stats, for another shard's /api/stats (set by the shard).
+        self.stats_provider: Callable[[], dict[str, Any]] = dict
         router.on_publication = self._on_publication
         router.on_sync_request = self._on_sync_request
         router.on_request = self._on_request
@@ -141,7 +143,7 @@ class ClusterEngine(Engine):
             del self._cursors[channel]
             self.router.unsubscribe(channel)
 
-    def sweep(self, is_active) -> int:
+    def sweep(self, is_active: Callable[[str], bool]) -> int:
         return self.local.sweep(is_active)
 
     def stats(self) -> dict[str, int]:
@@ -293,6 +295,3 @@ class ClusterEngine(Engine):
         if verb == b"STATS":
             return [OK, json.dumps(self.stats_provider()).encode()]
         return [ERR, b"unknown request " + verb]
-
-    # set by the shard: its own stats, for another shard's /api/stats
-    stats_provider: Any = staticmethod(lambda: {})

@@ -153,8 +153,12 @@ class MemoryEngine(Engine):
         """Drop state of channels with no retained history and no local
         subscriber; returns how many. Their next publication starts a new epoch."""
         now = self._clock()
-        idle = [name for name, state in self._channels.items()
-                if not is_active(name) and (state.window.trim(now) >= 0 and len(state.window) == 0)]
+        idle = []
+        for name, state in self._channels.items():
+            if not is_active(name):
+                state.window.trim(now)  # age out what expired before judging "empty"
+                if len(state.window) == 0:
+                    idle.append(name)
         for name in idle:
             del self._channels[name]
             self._write(Journal.record_drop, name)
