@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Callable, Coroutine
 
 import httptools
 from websockets.frames import Opcode
@@ -38,7 +38,7 @@ class Connection(asyncio.Protocol):
     __slots__ = (
         "shard", "transport", "parser", "cid", "ws", "identity", "deflate", "window_bits",
         "paused", "closing", "timer", "fd", "_url", "_headers", "_head_bytes", "_body", "_body_size",
-        "_refused", "_requests", "_busy", "_suspended", "_last_request", "_fragments", "_commands", "__weakref__",
+        "_refused", "_work", "_busy", "_suspended", "_last_request", "_fragments", "__weakref__",
     )
 
     def __init__(self, shard: "Shard") -> None:
@@ -60,12 +60,12 @@ class Connection(asyncio.Protocol):
         self._body: list[bytes] = []
         self._body_size = 0
         self._refused: Response | None = None
-        self._requests: collections.deque[Request] = collections.deque()
+        self._work: collections.deque[tuple[Callable[[], Coroutine[Any, Any, Any]],
+                                            Callable[[Any, BaseException | None], None]]] = collections.deque()
         self._busy = False
         self._suspended = False
         self._last_request = 0.0
         self._fragments: list[bytes] | None = None
-        self._commands: collections.deque[str] = collections.deque()
 
     # ----------------------------------------------------------- transport
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -146,18 +146,19 @@ class Connection(asyncio.Protocol):
     def on_url(self, url: bytes) -> None:
         self._url += url
         if len(self._url) > self.shard.config.limits.max_header_bytes:
-            self._too_large()
+            self._refuse_in_callback(431, "request header fields too large")
 
     def on_header(self, name: bytes, value: bytes) -> None:
         limits = self.shard.config.limits
         if len(self._headers) >= limits.max_header_count or self._head_bytes > limits.max_header_bytes:
-            self._too_large()
+            self._refuse_in_callback(431, "request header fields too large")
         key = name.decode("latin-1").lower()
         text = value.decode("latin-1")
         self._headers[key] = f"{self._headers[key]}, {text}" if key in self._headers else text
 
-    def _too_large(self) -> None:
-        self._refused = error_response(431, "request header fields too large")
+    def _refuse_in_callback(self, status: int, message: str) -> None:
+        """Stop httptools mid-request; data_received answers ``status`` and closes."""
+        self._refused = error_response(status, message)
         raise _Refuse
 
     def on_headers_complete(self) -> None:
@@ -165,25 +166,23 @@ class Connection(asyncio.Protocol):
         length = self._headers.get("content-length")
         limit = self.shard.config.limits.max_body_size
         if length is not None and length.isdigit() and int(length) > limit:
-            self._refused = error_response(413, f"body larger than {limit} bytes")
-            raise _Refuse
+            self._refuse_in_callback(413, f"body larger than {limit} bytes")
 
     def on_body(self, body: bytes) -> None:
         self._body_size += len(body)
         limit = self.shard.config.limits.max_body_size
         if self._body_size > limit:
-            self._refused = error_response(413, f"body larger than {limit} bytes")
-            raise _Refuse
+            self._refuse_in_callback(413, f"body larger than {limit} bytes")
         self._body.append(body)
 
     def on_message_complete(self) -> None:
         assert self.parser is not None
         if self.parser.should_upgrade():
             return  # handled by HttpParserUpgrade in data_received
-        self._requests.append(self._request(keep_alive=self.parser.should_keep_alive()))
+        request = self._request(keep_alive=self.parser.should_keep_alive())
         self._last_request = self.shard.loop.time()
-        if not self._busy:
-            self._serve_requests()
+        self._enqueue(lambda: api.handle(self.shard, request),
+                      lambda response, error: self._answer(request, response, error))
 
     def _request(self, keep_alive: bool) -> Request:
         url = httptools.parse_url(self._url) if self._url else None
@@ -192,20 +191,33 @@ class Connection(asyncio.Protocol):
         method = self.parser.get_method().decode() if self.parser else "GET"
         return Request(method, path, query, self._headers, b"".join(self._body), keep_alive)
 
-    def _serve_requests(self) -> None:
-        """Answer queued requests in order; each handler runs eagerly and only
-        one that suspends (a remote home shard) holds the queue in a task."""
-        while self._requests and self.transport is not None and not self._busy:
-            request = self._requests.popleft()
+    # One queue of work per connection (HTTP requests, WebSocket messages):
+    # handled strictly in order, each eagerly; only work that suspends (a
+    # remote home shard) holds the queue, inside a task, until it ends.
+    def _enqueue(self, make: Callable[[], Coroutine[Any, Any, Any]],
+                 done: Callable[[Any, BaseException | None], None]) -> None:
+        self._work.append((make, done))
+        if not self._busy:
+            self._run_work()
+
+    def _run_work(self) -> None:
+        while self._work and self.transport is not None and not self._busy:
+            make, done = self._work.popleft()
             self._busy = True
             self._suspended = False
-            if not eager.start(self.shard.loop, api.handle(self.shard, request),
-                               lambda response, error, r=request: self._answer(r, response, error)):
-                self._suspended = True  # _answer continues the queue when it ends
+            if not eager.start(self.shard.loop, make(),
+                               lambda result, error, done=done: self._work_done(done, result, error)):
+                self._suspended = True
                 return
 
-    def _answer(self, request: Request, response: Response | None, error: BaseException | None) -> None:
+    def _work_done(self, done: Callable[[Any, BaseException | None], None],
+                   result: Any, error: BaseException | None) -> None:
         self._busy = False
+        done(result, error)
+        if self._suspended and self._work:
+            self._run_work()
+
+    def _answer(self, request: Request, response: Response | None, error: BaseException | None) -> None:
         if error is not None or response is None:  # never crash the shard on one request
             log.error("API handler failed for %s %s", request.method, request.path, exc_info=error)
             response = error_response(500, "internal error")
@@ -215,10 +227,8 @@ class Connection(asyncio.Protocol):
         self.transport.write(response.encode(keep_alive))
         if not keep_alive:
             self.parser = None
+            self._work.clear()  # requests pipelined after "Connection: close" get no answer
             self.transport.close()
-            return
-        if self._suspended and self._requests:
-            self._serve_requests()
 
     def _refuse(self, response: Response) -> None:
         """Answer an HTTP error and close: the request cannot be trusted further."""
@@ -313,20 +323,12 @@ class Connection(asyncio.Protocol):
         except UnicodeDecodeError:
             self.close(1007, "invalid UTF-8 in a text message")
             return
-        self._commands.append(text)
-        if not self._busy:
-            self._busy = True
-            self.shard.loop.create_task(self._run_commands())
+        self._enqueue(lambda: self.shard.handle_message(self, text), self._message_done)
 
-    async def _run_commands(self) -> None:
-        try:
-            while self._commands and not self.closing:
-                await self.shard.handle_message(self, self._commands.popleft())
-        except Exception:
-            log.exception("command handling failed")
+    def _message_done(self, result: None, error: BaseException | None) -> None:
+        if error is not None:  # a bug, not the client's fault: end this connection only
+            log.error("command handling failed", exc_info=error)
             self.close(1011, "internal error")
-        finally:
-            self._busy = False
 
     def close(self, code: int, reason: str = "") -> None:
         """Flush what is pending, then start the closing handshake."""
