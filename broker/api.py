@@ -11,7 +11,9 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 from .auth import check_api_key
 from .channels import namespace_of, validate_channel
+from .engine import Position
 from .errors import EngineUnavailable, ProtocolViolation
+from .handshake import upgrade_required
 from .httpmsg import Request, Response, error_response, json_response
 from .protocol import decode_json, encode_json
 
@@ -97,11 +99,24 @@ def _encode_data(value: Any) -> bytes:
         raise _BadRequest(f"data is not valid JSON: {exc}") from None
 
 
+def _position_json(channel: str, position: Position) -> bytes:
+    """``{"channel","epoch","offset"}``: the answer to every publication and
+    the head of a history reply. Channel names and epochs need no JSON
+    escaping (validated ASCII / hex), so no encoder runs per publication."""
+    return b'{"channel":"%s","epoch":"%s","offset":%d}' % (
+        channel.encode(), position.epoch.encode(), position.offset)
+
+
+async def _publish_all(shard: "Shard", items: list[tuple[str, bytes]]) -> Response:
+    """Publish validated (channel, data) pairs in order: ``{"results": [...]}``."""
+    results = [_position_json(channel, await shard.publish(channel, data_json))
+               for channel, data_json in items]
+    return Response(200, b'{"results":[' + b",".join(results) + b"]}")
+
+
 async def _publish(shard: "Shard", channel: str, data: Any) -> Response:
     position = await shard.publish(channel, _encode_data(data))
-    # Channel names and epochs need no JSON escaping (validated ASCII / hex).
-    return Response(200, b'{"channel":"%s","epoch":"%s","offset":%d}' % (
-        channel.encode(), position.epoch.encode(), position.offset))
+    return Response(200, _position_json(channel, position))
 
 
 @route("POST", "/api/publish")
@@ -122,11 +137,7 @@ async def broadcast(shard: "Shard", request: Request, match: re.Match[str]) -> R
     # Refused whole when any channel is invalid: validate all before publishing one.
     channels = [_publishable(shard, channel) for channel in body["channels"]]
     data_json = _encode_data(body["data"])
-    results = []
-    for channel in channels:
-        position = await shard.publish(channel, data_json)
-        results.append({"channel": channel, "epoch": position.epoch, "offset": position.offset})
-    return json_response(200, {"results": results})
+    return await _publish_all(shard, [(channel, data_json) for channel in channels])
 
 
 MAX_BATCH = 10000
@@ -148,12 +159,7 @@ async def publish_batch(shard: "Shard", request: Request, match: re.Match[str]) 
         if not isinstance(item, dict) or "channel" not in item or "data" not in item:
             raise _BadRequest(f"publications[{index}] must be {{\"channel\": ..., \"data\": ...}}")
         prepared.append((_publishable(shard, item["channel"]), _encode_data(item["data"])))
-    results = []
-    for channel, data_json in prepared:
-        position = await shard.publish(channel, data_json)
-        results.append(b'{"channel":"%s","epoch":"%s","offset":%d}' % (
-            channel.encode(), position.epoch.encode(), position.offset))
-    return Response(200, b'{"results":[' + b",".join(results) + b"]}")
+    return await _publish_all(shard, prepared)
 
 
 @route("POST", r"/api/bills/(?P<id>[^/]+)/updates")
@@ -191,8 +197,7 @@ async def history(shard: "Shard", request: Request, match: re.Match[str]) -> Res
     position, publications = await shard.engine.history(channel, since, limit)
     # The stored data is already compact JSON: splice it in, never re-encode.
     items = b",".join(b'{"offset":%d,"data":%s}' % (offset, data) for offset, data in publications)
-    head = encode_json({"channel": channel, "epoch": position.epoch, "offset": position.offset})
-    return Response(200, head[:-1] + b',"publications":[' + items + b"]}")
+    return Response(200, _position_json(channel, position)[:-1] + b',"publications":[' + items + b"]}")
 
 
 @route("GET", "/api/stats")
@@ -231,5 +236,4 @@ async def metrics(shard: "Shard", request: Request, match: re.Match[str]) -> Res
 @route("GET", "/ws", needs_key=False)
 async def websocket_without_upgrade(shard: "Shard", request: Request, match: re.Match[str]) -> Response:
     """A plain GET of the WebSocket endpoint: say how to talk to it."""
-    return error_response(426, "this endpoint speaks WebSocket: send Upgrade: websocket",
-                          headers=(("Upgrade", "websocket"), ("Sec-WebSocket-Version", "13")))
+    return upgrade_required()

@@ -23,7 +23,13 @@ from .config import Config
 from .errors import AuthError
 from .httpmsg import Request, Response, error_response
 
-__all__ = ["Accepted", "negotiate"]
+__all__ = ["Accepted", "negotiate", "upgrade_required"]
+
+
+def upgrade_required() -> Response:
+    """426 for a request to /ws that is not a WebSocket upgrade."""
+    return error_response(426, "this endpoint speaks WebSocket: send Upgrade: websocket",
+                          headers=(("Upgrade", "websocket"), ("Sec-WebSocket-Version", "13")))
 
 # No context takeover in either direction: the server can compress a shared
 # batch once for every connection, and an idle connection holds no zlib state.
@@ -71,8 +77,7 @@ def negotiate(request: Request, config: Config) -> Accepted | Response:
         return error_response(405, "the WebSocket endpoint takes GET", headers=(("Allow", "GET"),))
     if (not _has_token(headers.get("upgrade", ""), "websocket")
             or not _has_token(headers.get("connection", ""), "upgrade")):
-        return error_response(426, "this endpoint speaks WebSocket: send Upgrade: websocket",
-                              headers=(("Upgrade", "websocket"), ("Sec-WebSocket-Version", "13")))
+        return upgrade_required()
     if headers.get("sec-websocket-version", "").strip() != "13":
         return error_response(426, "unsupported Sec-WebSocket-Version; this server speaks 13",
                               headers=(("Sec-WebSocket-Version", "13"),))
