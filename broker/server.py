@@ -17,6 +17,7 @@ from typing import Any, Callable
 from . import _fastpath
 from .config import Config
 from .shard import Shard
+from .sockets import bind_shared
 
 __all__ = ["serve", "Broker", "serve_shard", "new_loop", "configure_logging"]
 
@@ -32,13 +33,8 @@ def new_loop() -> asyncio.AbstractEventLoop:
 
 
 def _listen_socket(host: str, port: int) -> socket.socket:
-    """A listening socket with SO_REUSEPORT, so sibling shards share the port."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    if hasattr(socket, "SO_REUSEPORT"):
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    sock.bind((host, port))
+    """This shard's listener on the port its siblings share."""
+    sock = bind_shared(host, port)
     sock.listen(4096)
     sock.setblocking(False)
     return sock

@@ -30,6 +30,7 @@ import zmq
 from .config import Config
 from .router import Endpoints
 from .server import new_loop
+from .sockets import bind_shared, free_port
 
 __all__ = ["Supervisor", "make_endpoints"]
 
@@ -40,19 +41,13 @@ STATUS_INTERVAL = 1.0     # seconds between status re-broadcasts
 QUICK_DEATH = 10.0        # a shard dying sooner than this after start counts as a crash loop
 
 
-def _free_tcp_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def make_endpoints(transport: str, run_dir: str, shards: int) -> Endpoints:
     """ipc:// sockets in the run directory, or tcp:// on loopback ports."""
     if transport == "ipc":
         return Endpoints([f"ipc://{run_dir}/pub-{i}" for i in range(shards)],
                          [f"ipc://{run_dir}/req-{i}" for i in range(shards)],
                          f"ipc://{run_dir}/status", f"ipc://{run_dir}/control")
-    ports = [_free_tcp_port() for _ in range(2 * shards + 2)]
+    ports = [free_port() for _ in range(2 * shards + 2)]
     tcp = [f"tcp://127.0.0.1:{port}" for port in ports]
     return Endpoints(tcp[:shards], tcp[shards:2 * shards], tcp[-2], tcp[-1])
 
@@ -93,28 +88,16 @@ class Supervisor:
         base = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
         return tempfile.mkdtemp(prefix="broker-", dir=base)
 
-    def _reserve_port(self) -> None:
-        """Port 0: pick one now so every shard binds the same port."""
-        if self.config.port != 0:
-            return
-        guard = socket.socket(socket.AF_INET6 if ":" in self.config.host else socket.AF_INET)
-        guard.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        guard.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        guard.bind((self.config.host, 0))
+    def _claim_port(self) -> None:
+        """Bind the port as the shards will (fails fast, with a clear message,
+        when it is taken) and hold it; port 0 becomes the port picked here."""
+        guard = bind_shared(self.config.host, self.config.port)
         self.config.port = guard.getsockname()[1]
         self._port_guard = guard  # bound, never listening: holds the number
 
-    def _check_port(self) -> None:
-        """Fail fast, with a clear message, when the port is taken."""
-        family = socket.AF_INET6 if ":" in self.config.host else socket.AF_INET
-        with socket.socket(family) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            probe.bind((self.config.host, self.config.port))
-
     def run(self) -> int:
         try:
-            self._reserve_port()
-            self._check_port()
+            self._claim_port()
         except OSError as exc:
             print(f"error: cannot listen on {self.config.host}:{self.config.port}: "
                   f"{exc.strerror or exc}", file=sys.stderr)

@@ -8,22 +8,16 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
+
+from .sockets import free_port
 from dataclasses import dataclass, field
 
 __all__ = ["free_port", "BrokerProcess", "http_json"]
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def http_json(method: str, url: str, body: object | bytes | None = None,
