@@ -175,15 +175,8 @@ class Journal:
         size = len(names) + _PUB_SIZE + len(data)
         if size > _MAX_PAYLOAD:
             raise ValueError(f"publication too large for the journal ({len(data)} bytes)")
-        rec = (_HDR.pack(_MAGIC, _T_PUB, size, _crc32(data, _crc32(fixed, entry[2])))
-               + names + fixed + data)
-        try:
-            n = _write(self._wfd, rec)
-        except OSError as exc:
-            self._failed(exc)
-        if n != len(rec):
-            self._finish(rec, n)
-        self._size += len(rec)
+        self._write_record(_HDR.pack(_MAGIC, _T_PUB, size, _crc32(data, _crc32(fixed, entry[2])))
+                           + names + fixed + data)
 
     def record_drop(self, channel: str) -> None:
         """The engine forgot ``channel`` (idle sweep)."""
@@ -197,7 +190,10 @@ class Journal:
         return entry
 
     def _append(self, rtype: int, payload: bytes) -> None:
-        rec = _record(rtype, payload)
+        self._write_record(_record(rtype, payload))
+
+    def _write_record(self, rec: bytes) -> None:
+        """One os.write of a whole record; a short write is completed or undone."""
         try:
             n = _write(self._wfd, rec)
         except OSError as exc:
