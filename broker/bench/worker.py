@@ -171,19 +171,8 @@ class Receiver(WSListener):  # type: ignore[misc]
         for line in (payload.split(b"\n") if b"\n" in payload else (payload,)):
             if line.startswith(prefix):
                 comma = line.find(b",", plen)
-                offset = int(line[plen:comma])
-                last = self.last
-                if offset == last + 1:
-                    self.last = offset
-                    self.received += 1
-                elif offset <= last:
-                    self.duplicates += 1
+                if not self._count(int(line[plen:comma])):
                     continue
-                else:
-                    self.gaps += 1
-                    self.missing += offset - last - 1
-                    self.last = offset
-                    self.received += 1
                 ts_at = line.find(b'"ts":', comma)
                 if ts_at > 0:
                     end = line.find(b",", ts_at)
@@ -193,6 +182,20 @@ class Receiver(WSListener):  # type: ignore[misc]
                         pass
             elif line:
                 self._slow_line(line, now_ns)
+
+    def _count(self, offset: int) -> bool:
+        """Account one publication's offset: False for a duplicate (ignore
+        it), True otherwise, counting any gap it reveals."""
+        last = self.last
+        if offset <= last:
+            self.duplicates += 1
+            return False
+        if offset > last + 1:
+            self.gaps += 1
+            self.missing += offset - last - 1
+        self.last = offset
+        self.received += 1
+        return True
 
     def _slow_line(self, line: bytes, now_ns: int) -> None:
         try:
@@ -211,19 +214,8 @@ class Receiver(WSListener):  # type: ignore[misc]
             if self.start is None:
                 self.early += 1
                 return
-            offset = int(msg.get("offset", -1))
-            last = self.last
-            if offset == last + 1:
-                self.last = offset
-                self.received += 1
-            elif offset <= last:
-                self.duplicates += 1
+            if not self._count(int(msg.get("offset", -1))):
                 return
-            else:
-                self.gaps += 1
-                self.missing += offset - last - 1
-                self.last = offset
-                self.received += 1
             data = msg.get("data")
             if isinstance(data, dict) and isinstance(data.get("ts"), int):
                 self.latencies.append(now_ns - data["ts"])
