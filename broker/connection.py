@@ -96,7 +96,6 @@ class Connection(asyncio.Protocol):
             return
         if self.parser is None:
             return  # refused; waiting for the close
-        self._head_bytes += len(data)
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
@@ -138,6 +137,7 @@ class Connection(asyncio.Protocol):
 
     # -------------------------------------------------- httptools callbacks
     def on_message_begin(self) -> None:
+        self._head_bytes = 0  # the request line and headers: never the body
         self._url = b""
         self._headers = {}
         self._body = []
@@ -145,11 +145,13 @@ class Connection(asyncio.Protocol):
 
     def on_url(self, url: bytes) -> None:
         self._url += url
-        if len(self._url) > self.shard.config.limits.max_header_bytes:
+        self._head_bytes += len(url)
+        if self._head_bytes > self.shard.config.limits.max_header_bytes:
             self._refuse_in_callback(431, "request header fields too large")
 
     def on_header(self, name: bytes, value: bytes) -> None:
         limits = self.shard.config.limits
+        self._head_bytes += len(name) + len(value) + 4
         if len(self._headers) >= limits.max_header_count or self._head_bytes > limits.max_header_bytes:
             self._refuse_in_callback(431, "request header fields too large")
         key = name.decode("latin-1").lower()
@@ -162,7 +164,6 @@ class Connection(asyncio.Protocol):
         raise _Refuse
 
     def on_headers_complete(self) -> None:
-        self._head_bytes = 0
         length = self._headers.get("content-length")
         limit = self.shard.config.limits.max_body_size
         if length is not None and length.isdigit() and int(length) > limit:

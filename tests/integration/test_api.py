@@ -125,3 +125,26 @@ def test_publish_batch_is_refused_whole(broker):
     assert status == 400 and "publications" not in body and "nope" in body["error"]
     assert broker.api("GET", "/api/history?channel=user:1")[1]["offset"] == 0
     assert broker.api("POST", "/api/publish/batch", {"publications": []})[0] == 400
+
+
+def test_a_large_body_sent_with_its_head_in_one_write_is_accepted(broker):
+    """The head limit (431) counts the head only, not body bytes that arrive with it."""
+    import socket
+
+    body = json.dumps({"channel": "bill:big", "data": "x" * 100_000}).encode()
+    head = (f"POST /api/publish HTTP/1.1\r\nHost: x\r\nAuthorization: apikey {broker.api_key}\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
+    with socket.create_connection(("127.0.0.1", broker.port), timeout=5) as sock:
+        sock.sendall(head + body)
+        reply = b""
+        while chunk := sock.recv(65536):
+            reply += chunk
+    assert reply.startswith(b"HTTP/1.1 200"), reply[:200]
+
+
+def test_one_huge_header_is_431(broker):
+    import socket
+
+    with socket.create_connection(("127.0.0.1", broker.port), timeout=5) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"v" * 20000 + b"\r\n\r\n")
+        assert sock.recv(100).startswith(b"HTTP/1.1 431")
