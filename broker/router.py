@@ -41,6 +41,7 @@ log = logging.getLogger("broker.router")
 
 SYNC = b"\x01"            # first byte of a sync topic (never in a channel name)
 _SYNC_HEAD = struct.Struct("!HQ")  # home shard id, nonce
+REQUEST_HWM = 100_000  # requests in flight per peer; each also has a deadline
 OK = b"ok"
 ERR = b"err"
 
@@ -122,19 +123,26 @@ class Router:
         self.on_request: Callable[[bytes, list[bytes]], list[bytes]] = lambda *a: [ERR, b"no handler"]
         self.on_status: Callable[[dict[str, Any]], None] = lambda status: None
 
-        self.xpub = self._socket(zmq.XPUB, high_water_mark)
+        # The high-water mark bounds publications (XPUB out, SUB in) only.
+        # Subscriptions travel the other way and ZeroMQ drops them silently
+        # at a full pipe: a lost one would leave a shard deaf to a channel it
+        # believes it follows. They are few (one per channel), so no limit.
+        self.xpub = self._socket(zmq.XPUB, high_water_mark, receive_hwm=0)
         self.xpub.setsockopt(zmq.XPUB_NODROP, 1)  # a full peer makes send fail: we count it
         self.xpub.bind(endpoints.pub[shard_id])
-        self.sub = self._socket(zmq.SUB, high_water_mark)
+        self.sub = self._socket(zmq.SUB, 0, receive_hwm=high_water_mark)
         for peer, address in enumerate(endpoints.pub):
             if peer != shard_id:
                 self.sub.connect(address)
-        self.router = self._socket(zmq.ROUTER, high_water_mark)
+        # The high-water mark bounds the publication stream only: a drop
+        # there is repaired from history. A dropped request or answer could
+        # not be: it would turn a stored publication into a 503.
+        self.router = self._socket(zmq.ROUTER, REQUEST_HWM)
         self.router.bind(endpoints.req[shard_id])
         self.dealers: dict[int, zmq.Socket] = {}
         for peer, address in enumerate(endpoints.req):
             if peer != shard_id:
-                dealer = self._socket(zmq.DEALER, high_water_mark)
+                dealer = self._socket(zmq.DEALER, REQUEST_HWM)
                 dealer.setsockopt(zmq.IMMEDIATE, 1)  # never queue for a peer that is down
                 dealer.connect(address)
                 self.dealers[peer] = dealer
@@ -156,11 +164,12 @@ class Router:
         self._drains = [self._sub_drain, self._xpub_drain, self._router_drain,
                         _Drain(loop, self.status, self._on_status), *self._reply_drains.values()]
 
-    def _socket(self, kind: int, hwm: int) -> zmq.Socket:
+    def _socket(self, kind: int, hwm: int, receive_hwm: int | None = None) -> zmq.Socket:
+        """A socket with send/receive high-water marks (0 = no limit)."""
         sock = self.ctx.socket(kind)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.SNDHWM, hwm)
-        sock.setsockopt(zmq.RCVHWM, hwm)
+        sock.setsockopt(zmq.RCVHWM, hwm if receive_hwm is None else receive_hwm)
         return sock
 
     def close(self) -> None:
@@ -238,12 +247,22 @@ class Router:
         home, _nonce = _SYNC_HEAD.unpack_from(topic, 1)
         if home != self.id:
             return
-        channel = topic[1 + _SYNC_HEAD.size:].decode()
-        epoch, offset = self.on_sync_request(home, channel)
+        self._answer_sync(topic, topic[1 + _SYNC_HEAD.size:].decode(),
+                          self.loop.time() + self.request_timeout)
+
+    def _answer_sync(self, topic: bytes, channel: str, give_up: float) -> None:
+        """Send the channel's position on the stream. When the asker's pipe is
+        full, try again shortly rather than drop it: the position is read at
+        the moment it is sent, so it still precedes every later publication."""
+        epoch, offset = self.on_sync_request(self.id, channel)
         try:
             self.xpub.send_multipart([topic, b"sync", epoch.encode(), b"%d" % offset], zmq.NOBLOCK)
         except zmq.Again:
-            self.hwm_drops += 1  # the asking shard times out and answers 503
+            if self.loop.time() < give_up:
+                self.loop.call_later(0.002, self._answer_sync, topic, channel, give_up)
+            else:
+                self.hwm_drops += 1  # the asking shard times out and answers 503
+        self._xpub_drain.kick()
 
     # ------------------------------------------------------------- requests
     async def request(self, peer: int, verb: bytes, *args: bytes,
