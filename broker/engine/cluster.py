@@ -113,19 +113,31 @@ class ClusterEngine(Engine):
         delivered here): everything after it reaches the client live."""
         if epoch != cursor.epoch or offset > cursor.offset:
             return Recovery(Position(cursor.epoch, cursor.offset), False)
-        collected: list[tuple[int, bytes]] = []
-        since = offset
-        while since < cursor.offset:
-            remote_epoch, _last, publications = await self._fetch(home, channel, since,
-                                                                   cursor.offset - since)
-            if remote_epoch != cursor.epoch or not publications or publications[0][0] != since + 1:
-                return Recovery(Position(cursor.epoch, cursor.offset), False)
-            collected.extend(publications)
-            since = publications[-1][0]
-        # The cursor may have moved on while we waited: those were delivered
-        # live to the others, so this subscriber needs them from history too.
+        # Up to the cursor as it is when the fetch ends: what it moved on by
+        # meanwhile was delivered live to the others, not to this subscriber.
+        collected = await self._history_range(home, channel, cursor.epoch, offset,
+                                              lambda: cursor.offset)
+        if isinstance(collected, str):
+            return Recovery(Position(cursor.epoch, cursor.offset), False)
         return Recovery(Position(cursor.epoch, cursor.offset), True,
                         [p for p in collected if p[0] <= cursor.offset])
+
+    async def _history_range(self, home: int, channel: str, epoch: str, since: int,
+                             upto: Callable[[], int]) -> list[tuple[int, bytes]] | str:
+        """Every publication after ``since`` up to ``upto()`` (re-read after
+        each page) from the home shard's history, or why they cannot all be
+        had. EngineUnavailable when the home does not answer."""
+        collected: list[tuple[int, bytes]] = []
+        while since < upto():
+            remote_epoch, _last, page = await self._fetch(home, channel, since,
+                                                          min(FETCH_LIMIT, upto() - since))
+            if remote_epoch != epoch:
+                return "epoch changed: the channel's history was lost"
+            if not page or page[0][0] != since + 1:
+                return "missed publications are no longer in the history"
+            collected.extend(page)
+            since = page[-1][0]
+        return collected
 
     async def history(self, channel: str, since: int, limit: int) -> tuple[Position, list[tuple[int, bytes]]]:
         home = self.home(channel)
@@ -210,28 +222,21 @@ class ClusterEngine(Engine):
         """Fetch (cursor.offset, upto] from the home shard's history, deliver
         it, then what queued meanwhile."""
         self.repairs += 1
-        home = self.home(channel)
         try:
-            while cursor.offset < upto:
-                epoch, _last, publications = await self._fetch(home, channel, cursor.offset,
-                                                               min(FETCH_LIMIT, upto - cursor.offset))
-                if self._cursors.get(channel) is not cursor:
-                    return
-                if epoch != cursor.epoch:
-                    self._lose(channel, "epoch changed: the channel's history was lost")
-                    return
-                if not publications or publications[0][0] != cursor.offset + 1:
-                    self._lose(channel, "missed publications are no longer in the history")
-                    return
-                for offset, data in publications:
-                    if offset > upto:
-                        break
-                    cursor.offset = offset
-                    self.local.deliver(channel, offset, data)
+            missed = await self._history_range(self.home(channel), channel, cursor.epoch,
+                                               cursor.offset, lambda: upto)
         except EngineUnavailable as exc:
-            if self._cursors.get(channel) is cursor:
-                self._lose(channel, f"home shard unreachable: {exc}")
+            missed = f"home shard unreachable: {exc}"
+        if self._cursors.get(channel) is not cursor:
             return
+        if isinstance(missed, str):
+            self._lose(channel, missed)
+            return
+        for offset, data in missed:
+            if offset > upto:
+                break
+            cursor.offset = offset
+            self.local.deliver(channel, offset, data)
         backlog, cursor.backlog = cursor.backlog, []
         cursor.state = LIVE
         for epoch, offset, data in backlog:
