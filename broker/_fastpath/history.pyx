@@ -48,6 +48,15 @@ cdef inline int64_t _offset(object value) except? -1:
     return v
 
 
+cdef Py_ssize_t _max_count(object max_count) except -1:
+    """The count bound, checked: an integer >= 0 that fits a Py_ssize_t."""
+    if not PyLong_Check(max_count):
+        raise TypeError(f"max_count must be an integer, not {type(max_count).__name__}")
+    if max_count < 0:
+        raise ValueError(f"max_count must be >= 0, got {max_count!r}")
+    return max_count
+
+
 cdef class HistoryWindow:
     """``HistoryWindow(max_count, max_age, last_offset=0)``.
 
@@ -79,13 +88,7 @@ cdef class HistoryWindow:
     def __init__(self, max_count, max_age, last_offset=0):
         cdef Py_ssize_t count
         cdef double age
-        if not PyLong_Check(max_count):
-            raise TypeError(
-                f"max_count must be an integer, not {type(max_count).__name__}"
-            )
-        if max_count < 0:
-            raise ValueError(f"max_count must be >= 0, got {max_count!r}")
-        count = max_count
+        count = _max_count(max_count)
         age = max_age
         if not age >= 0.0:  # also rejects NaN
             raise ValueError(f"max_age must be >= 0, got {max_age!r}")
@@ -261,13 +264,7 @@ cdef class HistoryWindow:
         """Set the count bound: drops the oldest beyond it and gives the
         spare storage back."""
         cdef Py_ssize_t count
-        if not PyLong_Check(max_count):
-            raise TypeError(
-                f"max_count must be an integer, not {type(max_count).__name__}"
-            )
-        if max_count < 0:
-            raise ValueError(f"max_count must be >= 0, got {max_count!r}")
-        count = max_count
+        count = _max_count(max_count)
         while self._n > count:
             self._pop_oldest()
         self._max_count = count

@@ -29,6 +29,16 @@ def _offset_type(value: object) -> None:
         raise TypeError(f"offset must be an integer, not {type(value).__name__}")
 
 
+def _check_max_count(max_count: int) -> None:
+    """The count bound: an integer >= 0 that fits a Py_ssize_t (as compiled)."""
+    if not isinstance(max_count, int):
+        raise TypeError(f"max_count must be an integer, not {type(max_count).__name__}")
+    if max_count < 0:
+        raise ValueError(f"max_count must be >= 0, got {max_count!r}")
+    if max_count > _INT64_MAX:
+        raise OverflowError("max_count does not fit in Py_ssize_t")
+
+
 class HistoryWindow:
     """``HistoryWindow(max_count, max_age, last_offset=0)``.
 
@@ -44,14 +54,7 @@ class HistoryWindow:
     __slots__ = ("_items", "_max_count", "_max_age", "_last", "_nbytes")
 
     def __init__(self, max_count: int, max_age: float, last_offset: int = 0) -> None:
-        if not isinstance(max_count, int):
-            raise TypeError(
-                f"max_count must be an integer, not {type(max_count).__name__}"
-            )
-        if max_count < 0:
-            raise ValueError(f"max_count must be >= 0, got {max_count!r}")
-        if max_count > _INT64_MAX:
-            raise OverflowError("max_count does not fit in Py_ssize_t")
+        _check_max_count(max_count)
         age = _float(max_age)
         if not age >= 0.0:  # also rejects NaN
             raise ValueError(f"max_age must be >= 0, got {max_age!r}")
@@ -176,14 +179,7 @@ class HistoryWindow:
     def resize(self, max_count: int) -> None:
         """Set the count bound: drops the oldest beyond it and gives the
         spare storage back."""
-        if not isinstance(max_count, int):
-            raise TypeError(
-                f"max_count must be an integer, not {type(max_count).__name__}"
-            )
-        if max_count < 0:
-            raise ValueError(f"max_count must be >= 0, got {max_count!r}")
-        if max_count > _INT64_MAX:
-            raise OverflowError("max_count does not fit in Py_ssize_t")
+        _check_max_count(max_count)
         items = self._items
         while len(items) > max_count:
             self._nbytes -= len(items.popleft()[0])
