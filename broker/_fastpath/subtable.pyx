@@ -446,27 +446,41 @@ cdef class SubscriptionTable:
         self._subs += 1
         return True
 
-    def remove(self, cid, channel):
-        """Unsubscribe ``cid`` from ``channel``; False if it was not."""
+    cdef Py_ssize_t _locate(self, object cid, object channel, Py_ssize_t* slot_out,
+                            uint32_t* cidx_out) except -2:
+        """Where ``cid``'s subscription to ``channel`` sits in its entries,
+        or -1 when it has none (slot and channel id set when found)."""
         cdef uint32_t key = _cid(cid)
         cdef object found = self._ids.get(channel)
         cdef Py_ssize_t slot
-        cdef uint32_t cidx, i, j, n
+        cdef uint32_t cidx, j
         cdef Conn *conn
-        cdef Entry e
         if found is None:
-            return False
+            return -1
         cidx = found
         slot = self._find(key)
         if slot < 0:
+            return -1
+        conn = &self._table[slot]
+        for j in range(conn.n):
+            if conn.entries[j].chan == cidx:
+                slot_out[0] = slot
+                cidx_out[0] = cidx
+                return j
+        return -1
+
+    def remove(self, cid, channel):
+        """Unsubscribe ``cid`` from ``channel``; False if it was not."""
+        cdef Py_ssize_t slot, at
+        cdef uint32_t cidx, i, j, n
+        cdef Conn *conn
+        cdef Entry e
+        at = self._locate(cid, channel, &slot, &cidx)
+        if at < 0:
             return False
+        j = <uint32_t>at
         conn = &self._table[slot]
         n = conn.n
-        for j in range(n):
-            if conn.entries[j].chan == cidx:
-                break
-        else:
-            return False
         self._unlink(cidx, conn.entries[j].index)
         # Keep the connection's entries in subscribe order.
         for i in range(j + 1, n):
@@ -553,22 +567,9 @@ cdef class SubscriptionTable:
         return [self._names[conn.entries[i].chan] for i in range(conn.n)]
 
     def is_subscribed(self, cid, channel):
-        cdef uint32_t key = _cid(cid)
-        cdef object found = self._ids.get(channel)
         cdef Py_ssize_t slot
-        cdef uint32_t cidx, i
-        cdef Conn *conn
-        if found is None:
-            return False
-        cidx = found
-        slot = self._find(key)
-        if slot < 0:
-            return False
-        conn = &self._table[slot]
-        for i in range(conn.n):
-            if conn.entries[i].chan == cidx:
-                return True
-        return False
+        cdef uint32_t cidx
+        return self._locate(cid, channel, &slot, &cidx) >= 0
 
     def channel_id(self, channel):
         """The interned id of ``channel``; -1 when it has no subscriber."""
