@@ -188,19 +188,24 @@ def test_tokens_and_errors(broker):
     run(main())
 
 
+async def miss_while_away(broker, client, got, channel: str, values: list) -> None:
+    """Subscribe, receive values[0], break the connection, publish the rest.
+    The publishes are sync calls that block the event loop, so the client
+    cannot even notice the break before they are all stored."""
+    await client.subscribe(channel, got, on_lost=got.on_lost)
+    broker.publish(channel, values[0])
+    await got.wait_count(1)
+    client._ws.transport.abort()
+    with Publisher(broker.url, api_key=broker.api_key) as publisher:
+        for value in values[1:]:
+            publisher.publish(channel, value)
+
+
 def test_recovery_after_broken_connection(broker):
     async def main() -> None:
         got = Collector()
         async with Client(broker.ws_url, backoff_initial=0.05) as client:
-            await client.subscribe("bill:5", got, on_lost=got.on_lost)
-            broker.publish("bill:5", {"n": 0})
-            await got.wait_count(1)
-            client._ws.transport.abort()
-            # Publish while it is away: these sync calls block the event loop,
-            # so the client cannot even notice the break before they are done.
-            with Publisher(broker.url, api_key=broker.api_key) as publisher:
-                for n in range(1, 11):
-                    publisher.publish("bill:5", {"n": n})
+            await miss_while_away(broker, client, got, "bill:5", [{"n": n} for n in range(11)])
             await got.wait_count(11)
             await client.ping()
             assert got.offsets == list(range(1, 12))
@@ -221,13 +226,7 @@ def test_on_lost_when_history_cannot_cover(broker_factory, tmp_path):
     async def main() -> None:
         got = Collector()
         async with Client(broker.ws_url, backoff_initial=0.05) as client:
-            await client.subscribe("bill:8", got, on_lost=got.on_lost)
-            broker.publish("bill:8", {"n": 1})
-            await got.wait_count(1)
-            client._ws.transport.abort()
-            with Publisher(broker.url, api_key=broker.api_key) as publisher:
-                for n in range(2, 12):
-                    publisher.publish("bill:8", {"n": n})
+            await miss_while_away(broker, client, got, "bill:8", [{"n": n} for n in range(1, 12)])
             await got.wait(lambda: got.lost)
             assert got.lost[0][0] == "bill:8" and got.lost[0][1]
             assert len(got.lost) == 1
