@@ -35,7 +35,7 @@ import zmq
 
 from .errors import EngineUnavailable
 
-__all__ = ["Endpoints", "Router", "topic_of", "SYNC"]
+__all__ = ["Endpoints", "Router", "Drain", "topic_of", "SYNC"]
 
 log = logging.getLogger("broker.router")
 
@@ -68,7 +68,7 @@ class Endpoints:
         return {"pub": self.pub, "req": self.req, "status": self.status, "control": self.control}
 
 
-class _Drain:
+class Drain:
     """Reads every message queued on a socket whenever its FD says so.
 
     ZeroMQ's FD is edge-triggered: after any send on the socket the read
@@ -156,13 +156,13 @@ class Router:
         self._syncs: dict[bytes, asyncio.Future[tuple[str, int]]] = {}
         self._ids = itertools.count(1)
         self._nonce = itertools.count(int.from_bytes(os.urandom(4), "big") << 20)
-        self._sub_drain = _Drain(loop, self.sub, self._on_sub)
-        self._xpub_drain = _Drain(loop, self.xpub, self._on_xpub)
-        self._router_drain = _Drain(loop, self.router, self._on_router)
-        self._reply_drains = {peer: _Drain(loop, dealer, self._on_reply)
+        self._sub_drain = Drain(loop, self.sub, self._on_sub)
+        self._xpub_drain = Drain(loop, self.xpub, self._on_xpub)
+        self._router_drain = Drain(loop, self.router, self._on_router)
+        self._reply_drains = {peer: Drain(loop, dealer, self._on_reply)
                               for peer, dealer in self.dealers.items()}
         self._drains = [self._sub_drain, self._xpub_drain, self._router_drain,
-                        _Drain(loop, self.status, self._on_status), *self._reply_drains.values()]
+                        Drain(loop, self.status, self._on_status), *self._reply_drains.values()]
 
     def _socket(self, kind: int, hwm: int, receive_hwm: int | None = None) -> zmq.Socket:
         """A socket with send/receive high-water marks (0 = no limit)."""

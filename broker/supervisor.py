@@ -28,7 +28,7 @@ import psutil
 import zmq
 
 from .config import Config
-from .router import Endpoints
+from .router import Drain, Endpoints
 from .server import new_loop
 from .sockets import bind_shared, free_port
 
@@ -117,7 +117,7 @@ class Supervisor:
             self.control = ctx.socket(zmq.PULL)
             self.control.setsockopt(zmq.LINGER, 0)
             self.control.bind(endpoints.control)
-            loop.add_reader(self.control.getsockopt(zmq.FD), self._read_control)
+            Drain(loop, self.control, self._on_control)
             return loop.run_until_complete(self._main(loop))
         finally:
             ctx.destroy(linger=0)
@@ -138,7 +138,6 @@ class Supervisor:
         last_status = 0.0
         while not stop.is_set():
             self._watch()
-            self._read_control()
             now = time.monotonic()
             if self._status_dirty or now - last_status >= STATUS_INTERVAL:
                 self._publish_status()
@@ -189,18 +188,14 @@ class Supervisor:
                   lived, "restarting now" if delay == 0 else
                   f"crash loop ({shard.quick_deaths} quick deaths): restarting in {delay:.1f}s")
 
-    def _read_control(self) -> None:
-        while True:
-            try:
-                message = json.loads(self.control.recv(zmq.NOBLOCK))
-            except zmq.Again:
-                return
-            if "ready" in message:
-                shard = self.shards[message["ready"]]
-                if shard.pid == message.get("pid"):
-                    shard.up = True
-                    self._status_dirty = True
-                    log.info("shard %d (pid %d) ready", shard.id, shard.pid)
+    def _on_control(self, frames: list[bytes]) -> None:
+        message = json.loads(frames[0])
+        if "ready" in message:
+            shard = self.shards[message["ready"]]
+            if shard.pid == message.get("pid"):  # not a late word from a dead predecessor
+                shard.up = True
+                self._status_dirty = True
+                log.info("shard %d (pid %d) ready", shard.id, shard.pid)
 
     def status(self) -> dict[str, Any]:
         return {"draining": self.stopping, "supervisor": os.getpid(),

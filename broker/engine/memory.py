@@ -98,10 +98,6 @@ class MemoryEngine(Engine):
                        [(offset, data, now) for offset, data in state.window.since(0, now)])
             for name, state in self._channels.items())
 
-    @property
-    def compaction_due(self) -> bool:
-        return self._compaction_due
-
     def publish_now(self, channel: str, data_json: bytes) -> Position:
         """Synchronous publish: the in-process fast path used by the shard."""
         state = self._state(channel)
