@@ -29,7 +29,7 @@ import zmq
 
 from .config import Config
 from .router import Drain, Endpoints
-from .server import new_loop
+from .runtime import new_loop
 from .sockets import bind_shared, free_port
 
 __all__ = ["Supervisor", "make_endpoints"]

@@ -19,7 +19,8 @@ from .engine.cluster import ClusterEngine
 from .engine.journal import Journal
 from .engine.memory import MemoryEngine
 from .router import Endpoints, Router
-from .server import configure_logging, new_loop, serve_shard
+from .runtime import configure_logging, new_loop
+from .server import serve_shard
 from .shard import Shard
 
 __all__ = ["main", "load_spec", "ORPHAN_CHECK"]
