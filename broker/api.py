@@ -252,6 +252,7 @@ async def metrics(shard: ApiHost, request: Request, match: re.Match[str]) -> Res
     return Response(200, body, content_type=content_type)
 
 
+@route("GET", "/api/stream", needs_key=False)
 @route("GET", "/ws", needs_key=False)
 async def websocket_without_upgrade(shard: ApiHost, request: Request, match: re.Match[str]) -> Response:
     """A plain GET of the WebSocket endpoint: say how to talk to it."""

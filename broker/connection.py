@@ -60,6 +60,11 @@ class WebSocketHandler(Interface):
 class WebSocketEndpoint(Interface):
     """One upgrade path: its handshake rules, then a handler per connection."""
 
+    @property
+    def max_message_size(self) -> int:
+        """Largest client message (after reassembly and decompression): 1009 beyond."""
+        ...
+
     def negotiate(self, request: Request) -> Accepted | Response:
         """Accept the upgrade (with its response bytes) or refuse it."""
         ...
@@ -321,8 +326,7 @@ class Connection(asyncio.Protocol):
         self._cancel_timer()
         self.parser = None
         self._headers = {}
-        ws = Protocol(Side.SERVER, state=OPEN, max_size=self.host.config.limits.max_message_size,
-                      logger=log)
+        ws = Protocol(Side.SERVER, state=OPEN, max_size=endpoint.max_message_size, logger=log)
         if accepted.deflate is not None:
             ws.extensions = [accepted.deflate]
             self.deflate = True

@@ -29,6 +29,7 @@ from . import api
 from ._fastpath import Deflater, OutboundTable, SharedFrames, SubscriptionTable
 from .adapters.native.session import NativeEndpoint
 from .adapters.session import Adapter, Session, Subscribed
+from .adapters.stream.session import StreamEndpoint
 from .channels import check_client_publish, check_subscribe
 from .config import Config
 from .connection import Connection, WebSocketEndpoint
@@ -66,7 +67,10 @@ class Shard:
         self.sessions: list[Session | None] = []
         self._fds: dict[int, int] = {}     # cid -> dup'd socket the C flush writes to
         self._free_ids: list[int] = []
-        self.endpoints: dict[str, WebSocketEndpoint] = {"/ws": NativeEndpoint(self)}
+        self.endpoints: dict[str, WebSocketEndpoint] = {
+            "/ws": NativeEndpoint(self),
+            "/api/stream": StreamEndpoint(self),
+        }
         self.draining = False
         self._flush_handle: asyncio.Handle | asyncio.TimerHandle | None = None
         self._process = psutil.Process(os.getpid())

@@ -151,6 +151,11 @@ class SessionHost(Protocol):
     def unsubscribe(self, session: Session, channel: str) -> None:
         """Leave ``channel`` (no error when not subscribed)."""
 
+    async def publish(self, channel: str, data_json: bytes) -> "Position":
+        """Sequence, store and deliver one publication (backends: no policy
+        check). EngineUnavailable when it cannot be stored: never a false ack."""
+        ...
+
     async def client_publish(self, session: Session, channel: str, data_json: bytes) -> "Position":
         """Publish for a client where its namespace allows it (ProtocolViolation
         otherwise; EngineUnavailable when it cannot be stored)."""
