@@ -16,6 +16,7 @@ from typing import Any, Callable
 
 from . import _fastpath
 from .config import Config
+from .fdlimit import log_capacity, raise_nofile_limit
 from .runtime import configure_logging, new_loop
 from .shard import Shard
 from .sockets import bind_shared
@@ -61,6 +62,7 @@ async def serve_shard(shard: Shard, stop: asyncio.Event,
 def serve(config: Config) -> int:
     """``broker serve``: a supervisor and its shards, until SIGTERM/SIGINT."""
     configure_logging(config.log_level)
+    log_capacity(log, "supervisor", raise_nofile_limit())
     if config.redis_url:
         print("error: redis_url: the Redis engine is not built yet; "
               "run without --redis for one host", file=sys.stderr)
