@@ -376,15 +376,13 @@ class Connection(asyncio.Protocol):
             if chunk:
                 self.transport.write(chunk)
             else:  # websockets asks to half-close: the closing handshake is over
+                self._stop_sending()
                 self.transport.close()
                 return
         if ws.close_expected() and not self.closing:
             # The peer sent close (or broke the protocol) and websockets
-            # answered it: no data frame may follow, so the session stops
-            # now, before any scheduled flush; let the peer close first.
-            self.closing = True
-            if self.handler is not None:
-                self.handler.wire_closing()
+            # answered it: let the peer close the TCP connection first.
+            self._stop_sending()
             self.timer = self.host.loop.call_later(CLOSE_GRACE, self._abort)
 
     def _text_message(self, payload: bytes) -> None:
@@ -402,20 +400,33 @@ class Connection(asyncio.Protocol):
             log.error("command handling failed", exc_info=error)
             self.close(1011, "internal error")
 
+    def _stop_sending(self) -> None:
+        """A close frame is out (ours or websockets' answer to the peer's):
+        no data frame may follow, so the session stops now, before any
+        scheduled flush could write to the socket behind the close."""
+        if not self.closing:
+            self.closing = True
+            if self.handler is not None:
+                self.handler.wire_closing()
+
     def close(self, code: int, reason: str = "") -> None:
         """Flush what is pending, then start the closing handshake."""
         if self.closing or self.ws is None or self.transport is None:
             return
+        if self.ws.state is not OPEN:
+            # The peer's close frame was already read (in the same chunk as
+            # the message that led here): websockets answers it; ours would
+            # be a second close frame.
+            self._stop_sending()
+            return
         handler = self.handler
         if handler is not None:
             handler.wire_flush()
-        self.closing = True
         self.ws.send_close(code, reason)
         for chunk in self.ws.data_to_send():
             if chunk:
                 self.transport.write(chunk)
-        if handler is not None:
-            handler.wire_closing()
+        self._stop_sending()
         self._cancel_timer()
         self.timer = self.host.loop.call_later(CLOSE_GRACE, self._abort)
 

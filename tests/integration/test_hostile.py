@@ -367,8 +367,6 @@ def test_a_huge_integer_id_is_echoed(broker):
     assert replies(broker, b'{"id":%d,"op":"ping"}' % big) == [{"id": big, "op": "pong"}]
 
 
-@pytest.mark.xfail(strict=True, reason="bug: protocol.py tests `op not in OPS` with an unhashable op "
-                                        "(TypeError), the shard closes the connection 1011")
 @pytest.mark.parametrize("op", [b'["subscribe"]', b"{}"], ids=["list", "object"])
 def test_an_op_that_is_not_a_string_is_400(broker, op):
     got = replies(broker, b'{"id":1,"op":%s}\n{"id":2,"op":"ping"}' % op)
@@ -528,8 +526,6 @@ def test_a_ping_flood_from_a_client_that_never_reads_stays_bounded(broker):
 
 # ----------------------------------------------------------- close order
 
-@pytest.mark.xfail(strict=True, reason="bug (issue 13 item 5): replies to commands that arrive with "
-                                        "the client's close frame are flushed after the server's close frame")
 def test_nothing_is_written_after_the_close_frame(broker):
     raw, _ = upgraded(broker)
     raw.send(F(0x1, b'{"id":1,"op":"ping"}') + CLOSE_1000)
@@ -539,9 +535,6 @@ def test_nothing_is_written_after_the_close_frame(broker):
     assert closes and closes[0] == len(frames) - 1, frames
 
 
-@pytest.mark.xfail(strict=True, reason="bug: a server close (bad-command budget) decided while the "
-                                        "client's close frame is already read raises InvalidState, "
-                                        "logged as an ERROR traceback ('command handling failed')")
 def test_a_server_close_racing_the_clients_close_logs_no_error(broker):
     before = _log(broker).count("command handling failed")
     bad = b"\n".join(b"{bad" for _ in range(BAD_COMMAND_BUDGET + 1))

@@ -46,7 +46,7 @@ def _parse_command(obj: Any) -> Command:
     command_id = _parse_id(obj)
     op = obj.get("op")
     try:
-        if op not in OPS:
+        if not isinstance(op, str) or op not in OPS:
             raise ProtocolViolation(400, f"unknown op {op!r}")
         command = Command(op, command_id)
         if op == "ping":

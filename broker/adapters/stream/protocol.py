@@ -41,7 +41,7 @@ def _command(config: Config, obj: Any) -> StreamCommand:
         raise ProtocolViolation(400, "id must be an integer")
     try:
         op = obj.get("op")
-        if op not in ("publish", "broadcast"):
+        if not isinstance(op, str) or op not in ("publish", "broadcast"):
             raise ProtocolViolation(400, f"unknown op {op!r} (the stream takes publish and broadcast)")
         if "data" not in obj:
             raise ProtocolViolation(400, f"{op} needs data")
