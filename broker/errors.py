@@ -5,6 +5,7 @@
     ├── AuthError(PermissionError)     a token or API key was refused
     ├── ProtocolViolation(ValueError)  a client broke PROTOCOL.md; carries code
     ├── EngineUnavailable(ConnectionError)  the sequencer/history store is down
+    │     └── Overloaded               refused to hold the memory budget (503)
     ├── PublishError                   the server API refused a publication
     │     (client side; carries the HTTP status and the JSON error body)
     └── RecoveryFailed                 a Client could not recover a channel
@@ -19,6 +20,7 @@ __all__ = [
     "AuthError",
     "ProtocolViolation",
     "EngineUnavailable",
+    "Overloaded",
     "PublishError",
     "RecoveryFailed",
 ]
@@ -52,6 +54,15 @@ class ProtocolViolation(BrokerError, ValueError):
 
 class EngineUnavailable(BrokerError, ConnectionError):
     """The engine (sequencing + history) cannot be reached: answer 503."""
+
+    label = "engine unavailable"  # how a 503 names the cause
+
+
+class Overloaded(EngineUnavailable):
+    """The shard refuses work to hold its memory budget (degradation level 3):
+    answered 503 like an unreachable engine, and named as what it is."""
+
+    label = "overloaded"
 
 
 class PublishError(BrokerError):

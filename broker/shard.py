@@ -34,9 +34,10 @@ from .channels import check_client_publish, check_subscribe
 from .config import Config
 from .connection import Connection, WebSocketEndpoint
 from .engine import Engine, MemoryEngine, Position
-from .errors import EngineUnavailable, ProtocolViolation
+from .errors import EngineUnavailable, Overloaded, ProtocolViolation
 from .httpmsg import Request, Response, error_response
 from .metrics import PowerHistogram
+from .watch import Watch
 
 __all__ = ["Shard"]
 
@@ -50,7 +51,8 @@ class Shard:
     adapters), ``ConnectionHost`` (for connections) and the API's host."""
 
     def __init__(self, config: Config, shard_id: int = 0, engine: Engine | None = None,
-                 loop: asyncio.AbstractEventLoop | None = None) -> None:
+                 loop: asyncio.AbstractEventLoop | None = None, shards: int = 1,
+                 ip_table_path: str | None = None) -> None:
         self.config = config
         self.id = shard_id
         self.loop = loop or asyncio.get_event_loop()
@@ -84,6 +86,8 @@ class Shard:
         self.flush_latency = PowerHistogram(size=22, unit=1e-6)  # microsecond buckets up to ~2 s
         self._oldest_pending: float | None = None
         self._sweeper: asyncio.TimerHandle | None = self.loop.call_later(SWEEP_INTERVAL, self._sweep)
+        # Liveness, token expiry, memory levels, connections per IP.
+        self.watch = Watch(self, shards, ip_table_path, shard_id)
 
     # ------------------------------------------------------ connections
     def protocol_factory(self) -> Connection:
@@ -95,14 +99,17 @@ class Shard:
     def websocket_endpoint(self, path: str) -> WebSocketEndpoint | None:
         return self.endpoints.get(path)
 
-    def admission_refusal(self) -> Response | None:
+    def admission_refusal(self, ip: str) -> Response | None:
         if self.draining:
             return error_response(503, "draining: reconnect to another node",
                                   headers=(("Retry-After", "1"),))
         if self.websocket_count >= self.config.limits.max_connections:
             return error_response(503, "too many connections on this shard",
                                   headers=(("Retry-After", "1"),))
-        return None
+        return self.watch.refusal(ip)
+
+    def release(self, ip: str) -> None:
+        self.watch.release(ip)
 
     # --------------------------------------------------------- sessions
     def open_session(self, session: Session, fd: int = -1) -> None:
@@ -173,6 +180,13 @@ class Shard:
 
     def take_pending(self, session: Session) -> bytes:
         return self.outbound.take(session.cid) if session.cid >= 0 else b""
+
+    def pending_bytes(self, session: Session) -> int:
+        return self.outbound.pending(session.cid) if session.cid >= 0 and not session.closing else 0
+
+    def shrink(self) -> None:
+        """Memory level 1: drop the shared-frame caches (rebuilt on demand)."""
+        self._frames.clear()
 
     def deliver(self, channel: str, offset: int, data_json: bytes) -> None:
         """Fan one publication out to this shard's subscribers of ``channel``."""
@@ -248,6 +262,9 @@ class Shard:
         table = self._table(session.adapter)
         if table.is_subscribed(session.cid, channel):
             raise ProtocolViolation(409, f"already subscribed to {channel!r}")
+        limit = self.config.limits.subscriptions_per_connection
+        if len(table.channels_of(session.cid)) >= limit:
+            raise ProtocolViolation(429, f"at most {limit} subscriptions per connection")
         if not self.engine.ready():
             raise EngineUnavailable("cannot subscribe now")
         # The memory engine answers without suspending, so nothing can be
@@ -286,6 +303,8 @@ class Shard:
 
     async def publish(self, channel: str, data_json: bytes) -> Position:
         """Sequence, store and deliver one publication (from the API or a client)."""
+        if self.watch.level >= 3:
+            raise Overloaded("the shard is over its memory budget; publishing is refused")
         position = await self.engine.publish(channel, data_json)
         self.published += 1
         return position
@@ -306,6 +325,7 @@ class Shard:
                 session.abort()
 
     def close(self) -> None:
+        self.watch.close()
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None
@@ -338,6 +358,8 @@ class Shard:
         """Why /readyz is 503, or None when this node accepts traffic."""
         if self.draining:
             return "draining"
+        if self.watch.level >= 3:
+            return "over the memory budget (degradation level 3)"
         if not self.engine.ready():
             return "engine unreachable"
         if self.router is not None:
@@ -395,7 +417,11 @@ class Shard:
             "bytes_out": self.outbound.bytes_written,
             "connections_total": self.connections_total,
             "rss_bytes": rss,
-            "degradation": 0,
+            "degradation": self.watch.level,
+            "memory_limit_bytes": self.watch.budget_bytes,
+            "memory_cuts": self.watch.cut_for_memory,
+            "upgrades_refused_memory": self.watch.refused_for_memory,
+            "upgrades_refused_per_ip": self.watch.refused_per_ip,
             "engine": self.engine.stats(),
             "batch_lines": PowerHistogram.from_counts(self.outbound.batch_histogram(),
                                                       self.outbound.lines_written),

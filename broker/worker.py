@@ -82,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     router = Router(shard_id_int, endpoints, loop, config.cluster.high_water_mark,
                     config.cluster.request_timeout)
     engine = ClusterEngine(config, shard_id_int, shards, router, local)
-    shard = Shard(config, shard_id=shard_id_int, engine=engine, loop=loop)
+    shard = Shard(config, shard_id=shard_id_int, engine=engine, loop=loop, shards=shards,
+                  ip_table_path=os.path.join(run_dir, "ip-connections"))
     shard.attach_router(router)
 
     def listening(port: int) -> None:

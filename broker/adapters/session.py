@@ -92,6 +92,10 @@ class Session(abc.ABC):
     def abort(self) -> None:
         """Drop the session's connection now, without a closing handshake."""
 
+    def tick(self, now: float, wall: float) -> None:
+        """Once a second or so (``now``: loop time; ``wall``: unix time):
+        liveness pings and token expiry, where the protocol has them."""
+
     # Output the C flush could not write itself -----------------------------
     @abc.abstractmethod
     def write_pending(self, force: bool = False) -> None:
