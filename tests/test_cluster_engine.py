@@ -19,7 +19,7 @@ class InProcessRouter:
         self.home: ClusterEngine | None = None
         self.subscribed: set[str] = set()
         self.forwarded: list = []
-        self.followers: list["InProcessRouter"] = []  # the routers of the shards that read our stream
+        self.followers: list[InProcessRouter] = []  # the routers of the shards that read our stream
         self.reads = 0
         self.hwm_drops = self.requests_failed = 0
 

@@ -30,7 +30,7 @@ from ..errors import EngineUnavailable
 from .base import DeliverFn, Engine, Position, Recovery
 from .journal import ChannelLog, Journal
 
-__all__ = ["MemoryEngine", "EPOCH_BUCKETS"]
+__all__ = ["EPOCH_BUCKETS", "MemoryEngine"]
 
 log = logging.getLogger("broker.engine.memory")
 
