@@ -43,8 +43,6 @@ __all__ = ["Shard"]
 
 log = logging.getLogger("broker.shard")
 
-SWEEP_INTERVAL = 30.0  # seconds between idle-channel sweeps
-
 
 class Shard:
     """One worker's sessions and fan-out; implements ``SessionHost`` (for the
@@ -85,7 +83,8 @@ class Shard:
         self.connections_total = 0
         self.flush_latency = PowerHistogram(size=22, unit=1e-6)  # microsecond buckets up to ~2 s
         self._oldest_pending: float | None = None
-        self._sweeper: asyncio.TimerHandle | None = self.loop.call_later(SWEEP_INTERVAL, self._sweep)
+        self._sweeper: asyncio.TimerHandle | None = self.loop.call_later(
+            config.cluster.sweep_interval, self._sweep)
         # Liveness, token expiry, memory levels, connections per IP.
         self.watch = Watch(self, shards, ip_table_path, shard_id)
 
@@ -335,7 +334,7 @@ class Shard:
 
     def _sweep(self) -> None:
         self.engine.sweep(lambda channel: self.local_subscribers(channel) > 0)
-        self._sweeper = self.loop.call_later(SWEEP_INTERVAL, self._sweep)
+        self._sweeper = self.loop.call_later(self.config.cluster.sweep_interval, self._sweep)
 
     # ------------------------------------------------------------ cluster
     def attach_router(self, router: Any) -> None:
