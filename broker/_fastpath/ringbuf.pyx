@@ -62,7 +62,7 @@ from broker._fastpath.wsheader cimport _header_size, _write_header
 
 from operator import index as _index
 
-__all__ = ["RingBuffer", "OutboundTable", "MIN_ALLOC",
+__all__ = ["RingBuffer", "OutboundTable", "MIN_ALLOC", "SHARED_BUDGET",
            "FRAMING_NATIVE", "FRAMING_EIO_WS", "FRAMING_POLLING"]
 
 cdef enum:
@@ -79,9 +79,11 @@ cdef enum:
     _IOV_MAX = 1024       # Linux's and macOS's limit of iovecs per writev
     _MIN_SHARED = 16      # smallest shared-compression table (slots)
     _KEEP_SHARED = 256    # larger tables are released after a flush
+    _SHARED_BUDGET = 1 << 22  # default: bytes of messages + frames one flush keeps
     _KEEP_IOV = 4096      # larger iovec scratch is released after a flush
 
 MIN_ALLOC = _MIN_ALLOC
+SHARED_BUDGET = _SHARED_BUDGET
 FRAMING_NATIVE = _NATIVE
 FRAMING_EIO_WS = _EIO_WS
 FRAMING_POLLING = _POLLING
@@ -390,7 +392,13 @@ cdef inline int64_t _as_cid(object cid) except -2:
 
 @cython.final
 cdef class OutboundTable:
-    """One bounded ring buffer per open connection: ``OutboundTable(capacity)``."""
+    """One bounded ring buffer per open connection:
+    ``OutboundTable(capacity, deflate_level=6, shared_budget=SHARED_BUDGET)``.
+
+    ``deflate_level`` is zlib's level for compressed connections;
+    ``shared_budget`` bounds the bytes (messages + their frames) that one
+    flush keeps to share compressions: past it, a new compression serves
+    only the connection being written."""
 
     cdef Entry* _entries
     cdef Py_ssize_t _n
@@ -416,19 +424,32 @@ cdef class OutboundTable:
     cdef Py_ssize_t _smask
     cdef Py_ssize_t _scount
     cdef Shared* _slast      # last hit: a fan-out asks for the same message again and again
+    cdef Py_ssize_t _sbytes  # bytes held by the shared entries (messages + frames)
+    cdef Py_ssize_t _sbudget
+    # Compressions past the budget: they serve one connection's write only.
+    cdef Shared** _tmp
+    cdef Py_ssize_t _ntmp
+    cdef Py_ssize_t _tmpcap
     # Scratch of the frames being written: iovecs, and headers of plain frames.
     cdef iovec* _iov
     cdef Py_ssize_t _iovcap
     cdef unsigned char* _hdr
     cdef Py_ssize_t _hdrcap
 
-    def __cinit__(self, capacity, deflate_level=6):
+    def __cinit__(self, capacity, deflate_level=6, shared_budget=SHARED_BUDGET):
         cdef Py_ssize_t cap = _index(capacity)
         cdef int level = _index(deflate_level)
+        cdef Py_ssize_t budget = _index(shared_budget)
         if cap <= 0:
             raise ValueError(f"capacity must be > 0, not {cap}")
         if not -1 <= level <= 9:
             raise ValueError(f"deflate_level must be in -1..9, not {level}")
+        if budget < 0:
+            raise ValueError(f"shared_budget must be >= 0, not {budget}")
+        self._sbudget = budget
+        self._sbytes = 0
+        self._tmp = NULL
+        self._ntmp = self._tmpcap = 0
         self._capacity = cap
         self._level = level
         self._entries = NULL
@@ -455,6 +476,8 @@ cdef class OutboundTable:
         PyMem_Free(self._slots)
         PyMem_Free(self._dirty)
         self._shared_clear()
+        self._free_tmp()
+        PyMem_Free(self._tmp)
         PyMem_Free(self._stab)
         PyMem_Free(self._iov)
         PyMem_Free(self._hdr)
@@ -880,11 +903,38 @@ cdef class OutboundTable:
                     PyMem_Free(self._stab[i])
                     self._stab[i] = NULL
         self._scount = 0
+        self._sbytes = 0
         self._slast = NULL
         if self._smask + 1 > _KEEP_SHARED:
             PyMem_Free(self._stab)
             self._stab = NULL
             self._smask = 0
+
+    cdef void _free_tmp(self) noexcept:
+        """Free the compressions made past the budget (their write is done)."""
+        cdef Py_ssize_t i
+        for i in range(self._ntmp):
+            PyMem_Free(self._tmp[i])
+        self._ntmp = 0
+        if self._tmpcap > 64:
+            PyMem_Free(self._tmp)
+            self._tmp = NULL
+            self._tmpcap = 0
+
+    cdef int _keep_tmp(self, Shared* s) except -1:
+        cdef Shared** tmp
+        cdef Py_ssize_t ncap
+        if self._ntmp == self._tmpcap:
+            ncap = 2 * self._tmpcap if self._tmpcap else 16
+            tmp = <Shared**>PyMem_Realloc(self._tmp, <size_t>ncap * sizeof(Shared*))
+            if tmp == NULL:
+                PyMem_Free(s)
+                raise MemoryError()
+            self._tmp = tmp
+            self._tmpcap = ncap
+        self._tmp[self._ntmp] = s
+        self._ntmp += 1
+        return 0
 
     cdef int _shared_grow(self) except -1:
         cdef Py_ssize_t nslots = (self._smask + 1) * 2 if self._stab != NULL else _MIN_SHARED
@@ -910,7 +960,8 @@ cdef class OutboundTable:
 
     cdef Shared* _shared(self, const char* p, Py_ssize_t n, int wbits) except NULL:
         """The compressed frame of message p[:n] for window ``wbits``:
-        compressed on the first request of this flush, then reused."""
+        compressed on the first request of this flush, then reused. Past the
+        budget, a new compression is kept only until ``_free_tmp``."""
         cdef Shared* s = self._slast
         cdef uint64_t h
         cdef Py_ssize_t i, clen, hlen
@@ -946,9 +997,13 @@ cdef class OutboundTable:
         memcpy(_shared_key(s), p, <size_t>n)
         _write_header(<unsigned char*>_shared_frame(s), <unsigned long long>clen, 1, True, True)
         memcpy(_shared_frame(s) + hlen, comp.out, <size_t>clen)
+        self.compressions += 1
+        if self._sbytes + n + s.framelen > self._sbudget:
+            self._keep_tmp(s)
+            return s
         self._stab[i] = s
         self._scount += 1
-        self.compressions += 1
+        self._sbytes += n + s.framelen
         self._slast = s
         return s
 
@@ -1035,9 +1090,12 @@ cdef class OutboundTable:
             raise ValueError(f"conn id {cid!r} is polling: use take_payload")
         if e.ring.size == 0:
             return _EMPTY
-        niov = self._encode(e, &size, &lines)
-        out = PyBytes_FromStringAndSize(NULL, size)
-        _copy_iov_from(self._iov, <int>niov, 0, PyBytes_AS_STRING(out))
+        try:
+            niov = self._encode(e, &size, &lines)
+            out = PyBytes_FromStringAndSize(NULL, size)
+            _copy_iov_from(self._iov, <int>niov, 0, PyBytes_AS_STRING(out))
+        finally:
+            self._free_tmp()
         self._count_encoded(e, size, lines)
         self._drop(e)
         return out
@@ -1137,6 +1195,7 @@ cdef class OutboundTable:
                     tails.append((c, rest))
                 else:
                     tails.append((c, None))
+                self._free_tmp()
                 if sent >= 0:
                     self._count_encoded(e, size, lines)
                 self._drop(e)
@@ -1158,6 +1217,7 @@ cdef class OutboundTable:
                 e.dirty = j
                 j += 1
             self._ndirty = j
+            self._free_tmp()
             self._shared_clear()
             self._release_scratch()
         return deferred, tails

@@ -20,10 +20,11 @@ from typing import Iterable, Union
 
 from .frames_py import Deflater, frame_header
 
-__all__ = ["RingBuffer", "OutboundTable", "MIN_ALLOC",
+__all__ = ["RingBuffer", "OutboundTable", "MIN_ALLOC", "SHARED_BUDGET",
            "FRAMING_NATIVE", "FRAMING_EIO_WS", "FRAMING_POLLING"]
 
 MIN_ALLOC = 64
+SHARED_BUDGET = 1 << 22  # default: bytes of messages + frames one flush keeps
 FRAMING_NATIVE = 0   # all pending lines as ONE text frame, joined by \n
 FRAMING_EIO_WS = 1   # one text frame per pending line (an Engine.IO packet)
 FRAMING_POLLING = 2  # never written by flush: a long-poll answers it
@@ -176,17 +177,30 @@ def _u32_ids(cids: object) -> Iterable[int] | None:
 
 
 class OutboundTable:
-    """One bounded buffer per open connection: ``OutboundTable(capacity)``."""
+    """One bounded ring buffer per open connection:
+    ``OutboundTable(capacity, deflate_level=6, shared_budget=SHARED_BUDGET)``.
+
+    ``deflate_level`` is zlib's level for compressed connections;
+    ``shared_budget`` bounds the bytes (messages + their frames) that one
+    flush keeps to share compressions: past it, a new compression serves
+    only the connection being written."""
 
     __slots__ = ("_bufs", "_dirty", "_capacity", "_total", "_fds", "_paused",
                  "frames_written", "bytes_written", "lines_written", "_batch",
-                 "_framing", "_level", "_deflaters", "_shared", "compressions")
+                 "_framing", "_level", "_deflaters", "_shared", "_shared_bytes",
+                 "_budget", "compressions")
 
-    def __init__(self, capacity: int, deflate_level: int = 6) -> None:
+    def __init__(self, capacity: int, deflate_level: int = 6,
+                 shared_budget: int = SHARED_BUDGET) -> None:
         self._capacity = _capacity(capacity)
         level = _index(deflate_level)
         if not -1 <= level <= 9:
             raise ValueError(f"deflate_level must be in -1..9, not {level}")
+        budget = _ssize(shared_budget)
+        if budget < 0:
+            raise ValueError(f"shared_budget must be >= 0, not {budget}")
+        self._budget = budget
+        self._shared_bytes = 0
         self._level = level
         self._framing: dict[int, tuple[int, int]] = {}  # only non-default ones
         self._deflaters: dict[int, Deflater] = {}
@@ -386,9 +400,17 @@ class OutboundTable:
             if deflater is None:
                 deflater = self._deflaters[window_bits] = Deflater(self._level, window_bits)
             payload = deflater.compress(message)
-            frame = self._shared[key] = frame_header(len(payload), rsv1=True) + payload
+            frame = frame_header(len(payload), rsv1=True) + payload
             self.compressions += 1
+            size = len(message) + len(frame)
+            if self._shared_bytes + size <= self._budget:  # else: this write only
+                self._shared[key] = frame
+                self._shared_bytes += size
         return frame
+
+    def _clear_shared(self) -> None:
+        self._shared.clear()
+        self._shared_bytes = 0
 
     def _encode(self, pending: bytearray, framing: int, window_bits: int) -> list[bytes]:
         """The frames of ``pending`` (``\\n``-terminated lines) as a list of
@@ -466,7 +488,7 @@ class OutboundTable:
         """
         deferred: list[int] = []
         tails: list[tuple[int, bytes | None]] = []
-        self._shared.clear()  # what take_frames shared since the last flush
+        self._clear_shared()  # what take_frames shared since the last flush
         try:
             for cid in self.take_dirty():
                 buf = self._bufs[cid]
@@ -495,7 +517,7 @@ class OutboundTable:
                     self._count_encoded(framing, size, buf.count(b"\n", 0, len(buf) - 1) + 1)
                 self._drop(cid, buf)
         finally:
-            self._shared.clear()
+            self._clear_shared()
         return deferred, tails
 
 

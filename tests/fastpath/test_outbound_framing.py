@@ -190,6 +190,33 @@ def test_lines_shared_between_batches_are_compressed_once(ringbuf, peers):
     assert b.messages() == [LINES[1], LINES[0], LINES[3]]
 
 
+def test_past_the_budget_a_compression_serves_one_write(ringbuf, peers):
+    # Budget 0: nothing is kept, so every connection compresses its own
+    # packets, and what is written still decodes (no entry outlives its write).
+    clients = [peers(compress=True) for _ in range(4)]
+    table = ringbuf.OutboundTable(1 << 16, shared_budget=0)
+    for cid, peer in enumerate(clients):
+        table.open(cid, ringbuf.FRAMING_EIO_WS)
+        table.set_framing(cid, ringbuf.FRAMING_EIO_WS, 15)
+        table.set_fd(cid, peer.fd)
+        append_lines(table, cid, [LINES[0], LINES[1], LINES[0]])
+    assert table.flush() == ([], [])
+    assert table.compressions == 12
+    for peer in clients:
+        assert peer.messages() == [LINES[0], LINES[1], LINES[0]]
+    # A budget that holds exactly the first message and its frame.
+    table = ringbuf.OutboundTable(1 << 16, shared_budget=len(LINES[0]) + 80)
+    for cid in range(4):
+        table.open(cid, ringbuf.FRAMING_EIO_WS)
+        table.set_framing(cid, ringbuf.FRAMING_EIO_WS, 15)
+        append_lines(table, cid, [LINES[0], LINES[4]])
+    frames = {table.take_frames(cid) for cid in range(4)}
+    assert len(frames) == 1
+    assert table.compressions == 1 + 4  # LINES[0] shared, LINES[4] past the budget
+    with pytest.raises(ValueError):
+        ringbuf.OutboundTable(10, shared_budget=-1)
+
+
 def test_take_frames_share_compressions_until_the_next_flush(ringbuf):
     table = ringbuf.OutboundTable(1 << 16)
     for cid in range(10):  # no fd: TLS connections, written by the caller
@@ -379,12 +406,13 @@ lines_strategy = st.tuples(
                                   st.sampled_from([0, 1, 2]),
                                   st.sampled_from([0, 9, 12, 15])),
                         min_size=1, max_size=4),
-       level=st.sampled_from([-1, 0, 1, 6, 9]))
-def test_compiled_and_twin_write_identical_bytes(batches, level):
+       level=st.sampled_from([-1, 0, 1, 6, 9]),
+       budget=st.sampled_from([0, 500, 1 << 22]))
+def test_compiled_and_twin_write_identical_bytes(batches, level, budget):
     outputs = []
     for impl in ("compiled", "pure"):
         ringbuf = load("ringbuf", impl)
-        table = ringbuf.OutboundTable(1 << 20, deflate_level=level)
+        table = ringbuf.OutboundTable(1 << 20, deflate_level=level, shared_budget=budget)
         a, b = socket.socketpair()
         a.setblocking(False)
         try:
