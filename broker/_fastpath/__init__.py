@@ -22,6 +22,9 @@ __all__ = [
     "load",
     "RingBuffer",
     "OutboundTable",
+    "FRAMING_NATIVE",
+    "FRAMING_EIO_WS",
+    "FRAMING_POLLING",
     "Deflater",
     "frame_header",
     "text_frame",
@@ -77,6 +80,9 @@ _modules, IMPLEMENTATION = _choose()
 
 RingBuffer = _modules["ringbuf"].RingBuffer
 OutboundTable = _modules["ringbuf"].OutboundTable
+FRAMING_NATIVE: int = _modules["ringbuf"].FRAMING_NATIVE
+FRAMING_EIO_WS: int = _modules["ringbuf"].FRAMING_EIO_WS
+FRAMING_POLLING: int = _modules["ringbuf"].FRAMING_POLLING
 Deflater = _modules["frames"].Deflater
 frame_header = _modules["frames"].frame_header
 text_frame = _modules["frames"].text_frame
