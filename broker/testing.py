@@ -31,6 +31,7 @@ class InboundResult:
 
     commands: list = field(default_factory=list)   # Command | ProtocolViolation, in order
     close_code: int | None = None                  # the server's close code, if it closes
+    echoed: bool = False                           # ... echoing the client's close frame
 
 
 def inbound_pipeline(chunks: "Iterable[bytes]", max_size: int = 65536,
@@ -77,6 +78,7 @@ def inbound_pipeline(chunks: "Iterable[bytes]", max_size: int = 65536,
         ws.data_to_send()
         if ws.close_sent is not None:
             result.close_code = ws.close_sent.code
+            result.echoed = ws.close_rcvd is not None and ws.close_rcvd.code == ws.close_sent.code
             return result
     return result
 
