@@ -16,8 +16,71 @@ import urllib.request
 
 from .sockets import free_port
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-__all__ = ["free_port", "BrokerProcess", "http_json", "self_signed_cert"]
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+
+__all__ = ["free_port", "BrokerProcess", "http_json", "self_signed_cert", "InboundResult",
+           "inbound_pipeline"]
+
+
+@dataclass
+class InboundResult:
+    """What a server connection made of a client's bytes."""
+
+    commands: list = field(default_factory=list)   # Command | ProtocolViolation, in order
+    close_code: int | None = None                  # the server's close code, if it closes
+    echoed: bool = False                           # ... echoing the client's close frame
+
+
+def inbound_pipeline(chunks: "Iterable[bytes]", max_size: int = 65536,
+                     compression: bool = False) -> InboundResult:
+    """The client-to-server path of a WebSocket connection as the broker
+    configures it (broker.connection: websockets' Sans-I/O Protocol in state
+    OPEN, permessage-deflate without context takeover, text reassembly,
+    binary 1003, UTF-8 1007, then broker.protocol.parse_message), without
+    sockets, for fuzzing. Feeds ``chunks`` in order, as TCP might split them."""
+    from websockets.frames import Opcode
+    from websockets.protocol import OPEN, Protocol, Side
+
+    from .handshake import _negotiate_deflate
+    from .protocol import parse_message
+
+    ws = Protocol(Side.SERVER, state=OPEN, max_size=max_size)
+    if compression:
+        ws.extensions = [_negotiate_deflate("permessage-deflate")[1]]
+    result = InboundResult()
+    fragments: list[bytes] | None = None
+    for chunk in chunks:
+        ws.receive_data(chunk)
+        for frame in ws.events_received():
+            payload: bytes | None = None
+            if frame.opcode is Opcode.BINARY:
+                result.close_code = 1003
+                return result
+            if frame.opcode is Opcode.TEXT:
+                if frame.fin:
+                    payload = frame.data
+                else:
+                    fragments = [frame.data]
+            elif frame.opcode is Opcode.CONT and fragments is not None:
+                fragments.append(frame.data)
+                if frame.fin:
+                    payload, fragments = b"".join(fragments), None
+            if payload is not None:
+                try:
+                    text = payload.decode("utf-8")
+                except UnicodeDecodeError:
+                    result.close_code = 1007
+                    return result
+                result.commands.extend(parse_message(text))
+        ws.data_to_send()
+        if ws.close_sent is not None:
+            result.close_code = ws.close_sent.code
+            result.echoed = ws.close_rcvd is not None and ws.close_rcvd.code == ws.close_sent.code
+            return result
+    return result
 
 
 def self_signed_cert(directory: str, host: str = "127.0.0.1") -> tuple[str, str]:
