@@ -39,13 +39,13 @@ def inbound_pipeline(chunks: "Iterable[bytes]", max_size: int = 65536,
     """The client-to-server path of a WebSocket connection as the broker
     configures it (broker.connection: websockets' Sans-I/O Protocol in state
     OPEN, permessage-deflate without context takeover, text reassembly,
-    binary 1003, UTF-8 1007, then broker.protocol.parse_message), without
+    binary 1003, UTF-8 1007, then broker.adapters.native.protocol.parse_message), without
     sockets, for fuzzing. Feeds ``chunks`` in order, as TCP might split them."""
     from websockets.frames import Opcode
     from websockets.protocol import OPEN, Protocol, Side
 
     from .handshake import _negotiate_deflate
-    from .protocol import parse_message
+    from .adapters.native.protocol import parse_message
 
     ws = Protocol(Side.SERVER, state=OPEN, max_size=max_size)
     if compression:

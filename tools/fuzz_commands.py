@@ -6,7 +6,7 @@ reader as the broker configures it and the native command decoder.
     python tools/fuzz_commands.py crash-<sha1>                                # replay a crash
 
 The first input byte picks the path: the command decoder
-(broker.protocol.parse_message on text), or the frame reader
+(broker.adapters.native.protocol.parse_message on text), or the frame reader
 (broker.testing.inbound_pipeline: websockets' Protocol, permessage-deflate
 when asked, reassembly, UTF-8, then parse_message) on bytes split in up to
 four chunks. A crash is any exception, or a close code of the server's own
@@ -28,7 +28,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 with atheris.instrument_imports(include=["broker", "websockets"]):
     from broker.errors import ProtocolViolation
-    from broker.protocol import Command, parse_message
+    from broker.adapters.native.protocol import Command, parse_message
     from broker.testing import inbound_pipeline
 
 CLOSE_CODES = {None, 1000, 1002, 1003, 1007, 1009}

@@ -8,7 +8,7 @@ import json
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from broker.protocol import parse_message
+from broker.adapters.native.protocol import parse_message
 from broker.testing import inbound_pipeline
 
 from .conftest import FUZZ_PROFILE, examples

@@ -1,4 +1,4 @@
-"""Fuzz the native protocol's text layer (broker.protocol.parse_message):
+"""Fuzz the native protocol's text layer (broker.adapters.native.protocol.parse_message):
 whatever a client sends, each non-blank line becomes one Command or one
 ProtocolViolation(400) in order, and nothing else is ever raised."""
 import json
@@ -9,7 +9,8 @@ from hypothesis import strategies as st
 
 from broker.channels import validate_channel
 from broker.errors import ProtocolViolation
-from broker.protocol import OPS, Command, decode_json, parse_message
+from broker.adapters.native.protocol import OPS, Command, parse_message
+from broker.jsoncodec import decode_json
 
 from .conftest import FUZZ_PROFILE, examples
 from .strategies import JSON, commands
