@@ -1,0 +1,1 @@
+"""Protocol adapters: each translates one wire protocol to the shard's sessions."""
