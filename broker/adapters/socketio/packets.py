@@ -222,8 +222,8 @@ def decode_socketio(text: str) -> SocketIOPacket:
 def _head(packet_type: int, namespace: str, ack_id: int | None) -> bytes:
     head = b"%d" % packet_type
     if namespace != "/":
-        if not namespace.startswith("/") or "," in namespace:
-            raise ValueError(f"a namespace starts with '/' and holds no ',': {namespace!r}")
+        if not namespace.startswith("/") or "," in namespace or "\x1e" in namespace:
+            raise ValueError(f"a namespace starts with '/' and holds no ',' or record separator: {namespace!r}")
         head += namespace.encode() + b","
     if ack_id is not None:
         if type(ack_id) is not int or not 0 <= ack_id <= MAX_ACK_ID:
