@@ -246,8 +246,8 @@ class Closed(Effect):
 @dataclass(frozen=True, slots=True)
 class Released(Effect):
     """Forget the session id: every later request for it is UNKNOWN_SID.
-    (On polling it can come after ``Closed``, once the client has fetched
-    the close packet or the linger time ran out.)"""
+    (Always right after ``Closed``; the two are apart so that the layer above
+    and the session table can each take their own.)"""
 
 
 # -- The session ---------------------------------------------------------------
@@ -262,10 +262,9 @@ class EngineConfig:
     ping_timeout: float = 20.0
     max_payload: int = 65536
     upgrade_timeout: float = 10.0     # a probe WebSocket must send "5" within it
-    close_linger: float = 5.0         # polling: wait this long for the GET that fetches "1"
 
     def __post_init__(self) -> None:
-        for name in ("ping_interval", "ping_timeout", "upgrade_timeout", "close_linger"):
+        for name in ("ping_interval", "ping_timeout", "upgrade_timeout"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0")
         if self.max_payload < 1:
@@ -289,7 +288,7 @@ class Outbox(Protocol):
         ...
 
 
-_OPEN, _CLOSING, _CLOSED = "open", "closing", "closed"
+_OPEN, _CLOSED = "open", "closed"
 _PING = pk.encode_engine(pk.PING) + pk.RECORD_SEPARATOR
 _CLOSE = pk.encode_engine(pk.CLOSE) + pk.RECORD_SEPARATOR
 _PROBE_ANSWER = pk.encode_engine(pk.PONG, "probe")
@@ -308,8 +307,7 @@ class EngineSession:
     """
 
     __slots__ = ("sid", "config", "outbox", "transport", "state", "upgrading", "probed",
-                 "parked", "next_ping_at", "pong_deadline", "upgrade_deadline", "linger_deadline",
-                 "close_reason")
+                 "parked", "next_ping_at", "pong_deadline", "upgrade_deadline", "close_reason")
 
     def __init__(self, sid: str, transport: str, config: EngineConfig, outbox: Outbox, now: float) -> None:
         if transport not in TRANSPORTS:
@@ -325,7 +323,6 @@ class EngineSession:
         self.next_ping_at: float | None = now + config.ping_interval
         self.pong_deadline: float | None = None
         self.upgrade_deadline: float | None = None
-        self.linger_deadline: float | None = None
         self.close_reason: str | None = None
         upgrades = [WEBSOCKET] if transport == POLLING else []
         packet = pk.open_packet(sid, upgrades, round(config.ping_interval * 1000),
@@ -336,26 +333,19 @@ class EngineSession:
     # -- state --------------------------------------------------------------
     @property
     def open(self) -> bool:
-        """True until the session has ended for the layers above."""
+        """True until the session has ended."""
         return self.state == _OPEN
 
     def next_deadline(self) -> float | None:
         """When ``tick`` has something to do next (None: nothing scheduled)."""
-        if self.state == _CLOSING:
-            return self.linger_deadline
-        if self.state == _CLOSED:
+        if self.state != _OPEN:
             return None
         times = [t for t in (self.next_ping_at, self.pong_deadline, self.upgrade_deadline) if t is not None]
         return min(times) if times else None
 
     def tick(self, now: float) -> list[Effect]:
         """Send the ping that is due, end a session whose pong is late, give up
-        an upgrade that takes too long, release a lingering closed session."""
-        if self.state == _CLOSING:
-            if self.linger_deadline is not None and now >= self.linger_deadline:
-                self.state = _CLOSED
-                return [Released()]
-            return []
+        an upgrade that takes too long."""
         if self.state != _OPEN:
             return []
         effects: list[Effect] = []
@@ -396,10 +386,6 @@ class EngineSession:
     # -- polling ------------------------------------------------------------
     def on_poll(self, now: float) -> list[Effect]:
         """A polling GET for this session."""
-        if self.state == _CLOSING:
-            self.state = _CLOSED
-            answer = self._poll_answer() if len(self.outbox) else _NOOP_RESPONSE
-            return [Reply(answer), Released()]
         if self.state != _OPEN:
             return [Reply(error_response(UNKNOWN_SID))]
         if self.transport != POLLING:
@@ -562,24 +548,20 @@ class EngineSession:
                 effects.append(AnswerPoll(_NOOP_RESPONSE))
             self.state = _CLOSED
             return effects + [closed, Released()]
-        if overflow or not self.outbox.append(_CLOSE):
-            # Full: what is pending cannot be delivered in order, so it is
-            # dropped and the close packet alone goes out.
-            self.outbox.take()
-            if not self.outbox.append(_CLOSE):
-                self.state = _CLOSED
-                if self.parked:
-                    self.parked = False
-                    effects.append(AnswerPoll(HttpResponse(200, b"1")))
-                return effects + [closed, Released()]
+        # The server ends it: a parked GET takes what is pending and the close
+        # packet; without one, the next request finds the id unknown (400),
+        # which engine.io-client also takes as the end. Either way the id is
+        # released now, as engine.io does.
+        self.state = _CLOSED
         if self.parked:
             self.parked = False
-            self.state = _CLOSED
-            return effects + [AnswerPoll(self._poll_answer()), closed, Released()]
-        # No GET waiting: keep the id a little, so the next GET fetches "1".
-        self.state = _CLOSING
-        self.linger_deadline = now + self.config.close_linger
-        return effects + [closed]
+            if overflow or not self.outbox.append(_CLOSE):
+                self.outbox.take()   # full: nothing pending can go out in order
+                answer = HttpResponse(200, b"1")
+            else:
+                answer = self._poll_answer()
+            effects.append(AnswerPoll(answer))
+        return effects + [closed, Released()]
 
 
 def websocket_frames(pending: bytes) -> bytes:
