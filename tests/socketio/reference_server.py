@@ -59,7 +59,7 @@ class ReferenceServer:
         self._ticker: asyncio.Task | None = None
 
     # -- lifecycle (called from the test's thread) ---------------------------
-    def start(self) -> "ReferenceServer":
+    def start(self) -> ReferenceServer:
         self._thread.start()
         asyncio.run_coroutine_threadsafe(self._start(), self.loop).result(10)
         return self

@@ -13,11 +13,20 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from broker._fastpath import RingBuffer
+from broker._fastpath import RingBuffer, load
 from broker.adapters.socketio import engine as eio
 from broker.adapters.socketio import packets as pk
-from broker.adapters.socketio.engine import (AnswerPoll, Closed, Message, Park, ProbeClose, ProbeSend, Released,
-                                             Reply, Upgraded)
+from broker.adapters.socketio.engine import (
+    AnswerPoll,
+    Closed,
+    Message,
+    Park,
+    ProbeClose,
+    ProbeSend,
+    Released,
+    Reply,
+    Upgraded,
+)
 from broker.errors import SocketIOError
 
 CONFIG = eio.EngineConfig(ping_interval=25.0, ping_timeout=20.0, max_payload=1000, upgrade_timeout=10.0)
@@ -429,6 +438,18 @@ def test_overflowing_ping_on_websocket_is_a_slow_consumer():
     session = eio.EngineSession(eio.new_sid(0), eio.WEBSOCKET, CONFIG, RingBuffer(256), 0.0)
     session.outbox.append(b"x" * (256 - len(session.outbox)))
     assert session.tick(25.0) == [Closed("slow consumer", 1013), Released()]
+
+
+@pytest.mark.parametrize("impl", ["compiled", "pure"])
+def test_a_slot_of_the_outbound_table_is_an_outbox(impl):
+    table = load("ringbuf", impl).OutboundTable(1 << 16)
+    table.open(3)
+    session = eio.EngineSession(eio.new_sid(0), eio.POLLING, CONFIG, eio.TableSlot(table, 3), 0.0)
+    assert session.on_poll(0.0)[0].response.body.startswith(b"0{")
+    assert session.on_poll(0.1) == [Park()]
+    table.append_many([3], pk.pub_packet("bill:1", 1, b"{}") + pk.RECORD_SEPARATOR)   # the fan-out
+    assert session.flush_poll() == [AnswerPoll(ok(b'42["pub",{"channel":"bill:1","offset":1,"data":{}}]'))]
+    assert table.pending(3) == 0
 
 
 def test_config_is_checked():

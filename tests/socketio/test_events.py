@@ -9,7 +9,14 @@ from hypothesis import strategies as st
 
 from broker.adapters.socketio import events as ev
 from broker.adapters.socketio import packets as pk
-from broker.adapters.socketio.events import Connect, Leave, Refused, Request, Send, Violation
+from broker.adapters.socketio.events import (
+    Connect,
+    Leave,
+    Refused,
+    Request,
+    Send,
+    Violation,
+)
 
 
 def connected() -> ev.SocketIOConnection:

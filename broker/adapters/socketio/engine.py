@@ -22,7 +22,7 @@ from __future__ import annotations
 import re
 import secrets
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 from urllib.parse import parse_qs
 
 from ..._fastpath import text_frame
@@ -37,7 +37,7 @@ __all__ = [
     "HttpResponse", "error_response", "too_large_response", "OK_RESPONSE",
     "new_sid", "shard_of_sid", "new_socket_id",
     "EngineRequest", "parse_request",
-    "EngineConfig", "Outbox", "EngineSession", "websocket_frames",
+    "EngineConfig", "Outbox", "TableSlot", "EngineSession", "websocket_frames",
     "Effect", "Reply", "Park", "AnswerPoll", "ProbeSend", "ProbeClose", "Upgraded",
     "Message", "Closed", "Released",
 ]
@@ -286,6 +286,26 @@ class Outbox(Protocol):
     def __len__(self) -> int:
         """Pending bytes."""
         ...
+
+
+class TableSlot:
+    """One session's slot of the shard's ``OutboundTable`` as an ``Outbox``
+    (open the slot before creating the session: the open packet goes in)."""
+
+    __slots__ = ("table", "cid")
+
+    def __init__(self, table: Any, cid: int) -> None:
+        self.table = table
+        self.cid = cid
+
+    def append(self, data: bytes) -> bool:
+        return bool(self.table.append(self.cid, data))
+
+    def take(self) -> bytes:
+        return bytes(self.table.take(self.cid))
+
+    def __len__(self) -> int:
+        return int(self.table.pending(self.cid))
 
 
 _OPEN, _CLOSED = "open", "closed"

@@ -14,8 +14,9 @@ encode: JSON escapes every control character (``\\u001e``).
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable, NamedTuple
+from typing import Any, NamedTuple
 
 from ...errors import SocketIOError
 from ...protocol import decode_json, encode_json
