@@ -352,6 +352,19 @@ def test_websocket_frames_send_one_text_frame_per_packet():
     assert frames == b"\x81\x01" + b"2" + bytes([0x81, len(payload)]) + payload
 
 
+def test_shared_frames_build_each_distinct_batch_once():
+    shared = eio.SharedWebSocketFrames()
+    batch = pk.pub_packet("bill:1", 3, b"1") + b"\x1e"
+    first = shared.frames(batch)
+    assert first == eio.websocket_frames(batch)
+    assert shared.frames(bytes(batch)) is first
+    assert shared.frames(b"2\x1e" + batch) == eio.websocket_frames(b"2\x1e" + batch)
+    assert shared.builds == 2
+    shared.clear()
+    shared.frames(batch)
+    assert shared.builds == 3
+
+
 # -- upgrade -------------------------------------------------------------------
 
 def test_upgrade_from_polling_to_websocket():

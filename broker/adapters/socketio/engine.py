@@ -37,7 +37,7 @@ __all__ = [
     "HttpResponse", "error_response", "too_large_response", "OK_RESPONSE",
     "new_sid", "shard_of_sid", "new_socket_id",
     "EngineRequest", "parse_request",
-    "EngineConfig", "Outbox", "TableSlot", "EngineSession", "websocket_frames",
+    "EngineConfig", "Outbox", "TableSlot", "EngineSession", "websocket_frames", "SharedWebSocketFrames",
     "Effect", "Reply", "Park", "AnswerPoll", "ProbeSend", "ProbeClose", "Upgraded",
     "Message", "Closed", "Released",
 ]
@@ -588,3 +588,25 @@ def websocket_frames(pending: bytes) -> bytes:
     """Buffered packets as WebSocket text frames, one per packet (Engine.IO
     over WebSocket sends each packet in its own frame), ready for one write."""
     return b"".join(text_frame(packet) for packet in pk.split_pending(pending))
+
+
+class SharedWebSocketFrames:
+    """``websocket_frames`` built once per distinct ``pending`` until
+    ``clear()`` (call it after each flush pass): after a fan-out, most
+    sessions hold the same bytes, so most sessions cost one dict lookup."""
+
+    __slots__ = ("_frames", "builds")
+
+    def __init__(self) -> None:
+        self._frames: dict[bytes, bytes] = {}
+        self.builds = 0
+
+    def frames(self, pending: bytes) -> bytes:
+        frames = self._frames.get(pending)
+        if frames is None:
+            frames = self._frames[pending] = websocket_frames(pending)
+            self.builds += 1
+        return frames
+
+    def clear(self) -> None:
+        self._frames.clear()
