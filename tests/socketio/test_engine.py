@@ -100,6 +100,22 @@ def test_bad_requests_get_engine_io_error_codes(method, query, upgrade, code):
     assert error_of(Reply(eio.error_response(info.value.engine_code, info.value.message)))[1] == code
 
 
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from(["GET", "POST", "PUT", "OPTIONS", ""]),
+       st.text(max_size=80) | st.binary(max_size=80)
+       | st.lists(st.sampled_from(["EIO=4", "EIO=3", "transport=polling", "transport=websocket", "sid=0.",
+                                   "sid=1." + "A" * 20, "t=x", "%ff", "&", "=", "sid"]), max_size=6).map("&".join),
+       st.booleans())
+def test_any_request_is_parsed_or_refused_with_a_code(method, query, upgrade):
+    try:
+        request = eio.parse_request(method, query, upgrade)
+    except SocketIOError as exc:
+        assert exc.engine_code in eio.ERROR_MESSAGES and exc.message
+    else:
+        assert request.transport in eio.TRANSPORTS
+        assert (request.sid is None) == (request.shard is None)
+
+
 def test_error_responses_are_engine_io_json():
     response = eio.error_response(eio.UNKNOWN_SID)
     assert (response.status, json.loads(response.body)) == (400, {"code": 1, "message": "Session ID unknown"})
