@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 from urllib.parse import parse_qs
 
-from ..._fastpath import text_frame
+from ..._fastpath import packet_frames
 from ...errors import SocketIOError
 from ...protocol import encode_json
 from . import packets as pk
@@ -587,7 +587,8 @@ class EngineSession:
 def websocket_frames(pending: bytes) -> bytes:
     """Buffered packets as WebSocket text frames, one per packet (Engine.IO
     over WebSocket sends each packet in its own frame), ready for one write."""
-    return b"".join(text_frame(packet) for packet in pk.split_pending(pending))
+    frames: bytes = packet_frames(pending)   # compiled: one pass, one allocation
+    return frames
 
 
 class SharedWebSocketFrames:
