@@ -31,6 +31,7 @@ from .config import Config
 from .handshake import Accepted
 from .httpmsg import Request, Response, error_response
 from .pressure import InboundGate, Liveness, liveness
+from .tls import is_tls
 
 __all__ = ["Connection", "ConnectionHost", "WebSocketEndpoint", "WebSocketHandler"]
 
@@ -372,10 +373,12 @@ class Connection(asyncio.Protocol):
             self.deflate = True
             self.window_bits = accepted.window_bits
         self.ws = ws
-        # Pause as soon as the transport holds any byte: the shard's flush
-        # writes to the socket directly, which is only safe behind an empty
-        # transport buffer (otherwise frames would overtake queued bytes).
-        self.transport.set_write_buffer_limits(high=0)
+        if not is_tls(self.transport):
+            # Pause as soon as the transport holds any byte: the shard's flush
+            # writes to the socket directly, which is only safe behind an empty
+            # transport buffer (otherwise frames would overtake queued bytes).
+            # Through TLS every byte goes through the transport anyway.
+            self.transport.set_write_buffer_limits(high=0)
         self.transport.write(accepted.response)
         self.last_received = self.host.loop.time()
         self.handler = endpoint.open(self, accepted)

@@ -26,7 +26,7 @@ from typing import Any
 import psutil
 
 from . import api
-from ._fastpath import Deflater, OutboundTable, SharedFrames, SubscriptionTable
+from ._fastpath import FRAMING_NATIVE, OutboundTable, SubscriptionTable
 from .adapters.native.session import NativeEndpoint
 from .adapters.session import Adapter, Session, Subscribed
 from .adapters.stream.session import StreamEndpoint
@@ -63,7 +63,6 @@ class Shard:
         # per adapter that has subscribers of its channel.
         self._tables: dict[Adapter, SubscriptionTable] = {}
         self.outbound = OutboundTable(config.limits.outbound_buffer_bytes)
-        self._frames: dict[int, Any] = {}  # window bits -> SharedFrames
         self.sessions: list[Session | None] = []
         self._fds: dict[int, int] = {}     # cid -> dup'd socket the C flush writes to
         self._free_ids: list[int] = []
@@ -111,18 +110,39 @@ class Shard:
         self.watch.release(ip)
 
     # --------------------------------------------------------- sessions
-    def open_session(self, session: Session, fd: int = -1) -> None:
+    def open_session(self, session: Session, fd: int = -1, framing: int = FRAMING_NATIVE,
+                     window_bits: int = 0) -> None:
         cid = self._free_ids.pop() if self._free_ids else len(self.sessions)
         if cid == len(self.sessions):
             self.sessions.append(session)
         else:
             self.sessions[cid] = session
         session.cid = cid
-        self.outbound.open(cid)
+        self.outbound.open(cid, framing)
+        if window_bits:
+            self.outbound.set_framing(cid, framing, window_bits)
         self.connections_total += 1
         if fd >= 0:
             self._fds[cid] = fd
             self.outbound.set_fd(cid, fd)
+
+    def set_framing(self, session: Session, framing: int, window_bits: int = 0) -> None:
+        if session.cid >= 0:
+            self.outbound.set_framing(session.cid, framing, window_bits)
+
+    def set_fd(self, session: Session, fd: int) -> None:
+        """Let the C flush write to ``fd`` (a dup this shard closes later), or -1."""
+        cid = session.cid
+        if cid < 0:
+            if fd >= 0:
+                os.close(fd)
+            return
+        old = self._fds.pop(cid, -1)
+        if old >= 0:
+            os.close(old)
+        if fd >= 0:
+            self._fds[cid] = fd
+        self.outbound.set_fd(cid, fd)
 
     def set_paused(self, session: Session, paused: bool) -> None:
         if session.cid >= 0:
@@ -177,15 +197,18 @@ class Shard:
             return
         self._schedule_flush()
 
-    def take_pending(self, session: Session) -> bytes:
-        return self.outbound.take(session.cid) if session.cid >= 0 else b""
+    def take_frames(self, session: Session) -> bytes:
+        """The session's pending lines as its framing writes them (for a
+        transport the C flush does not write to: TLS, a resumed one)."""
+        return self.outbound.take_frames(session.cid) if session.cid >= 0 else b""
+
+    def take_payload(self, session: Session, sep: bytes = b"\x1e") -> bytes:
+        """The session's pending lines joined by ``sep`` (a long-poll answer)."""
+        return self.outbound.take_payload(session.cid, sep) if session.cid >= 0 else b""
 
     def pending_bytes(self, session: Session) -> int:
         return self.outbound.pending(session.cid) if session.cid >= 0 and not session.closing else 0
 
-    def shrink(self) -> None:
-        """Memory level 1: drop the shared-frame caches (rebuilt on demand)."""
-        self._frames.clear()
 
     def deliver(self, channel: str, offset: int, data_json: bytes) -> None:
         """Fan one publication out to this shard's subscribers of ``channel``."""
@@ -217,26 +240,15 @@ class Shard:
             self._flush_handle = (self.loop.call_later(interval, self._flush) if interval > 0
                                   else self.loop.call_soon(self._flush))
 
-    def _frames_for(self, window_bits: int):
-        frames = self._frames.get(window_bits)
-        if frames is None:
-            frames = self._frames[window_bits] = SharedFrames(Deflater(6, window_bits))
-        return frames
-
-    def batch_frame(self, payload: bytes, deflate: bool, window_bits: int) -> bytes:
-        frame = self._frames_for(window_bits).batch_frame(payload, deflate)
-        self.outbound.count_frame(len(frame), payload.count(b"\n"))
-        return frame
-
     def _flush(self) -> None:
         self._flush_handle = None
         if self._oldest_pending is not None:
             self.flush_latency.observe(self.loop.time() - self._oldest_pending)
             self._oldest_pending = None
         sessions = self.sessions
-        # One C pass writes the frames of every session it can; what it
-        # cannot (compressed connections, paused transports, partial writes)
-        # comes back here.
+        # One C pass writes the frames of every session it can, whatever its
+        # framing and compression; what it cannot (a session without a
+        # socket it may write to, a long-poll, a partial write) comes back.
         deferred, tails = self.outbound.flush()
         for cid in deferred:
             session = sessions[cid]
@@ -246,8 +258,6 @@ class Shard:
             session = sessions[cid]
             if session is not None:
                 session.write_tail(rest)
-        for frames in self._frames.values():
-            frames.clear()
 
     def flush_session(self, session: Session, force: bool = False) -> None:
         """Write one session's pending lines now (resume, close, drain)."""

@@ -5,6 +5,11 @@ test suite, the benchmarks and tools/ share one way to start a broker.
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import ssl
+
 import json
 import os
 import signal
@@ -120,12 +125,13 @@ def self_signed_cert(directory: str, host: str = "127.0.0.1") -> tuple[str, str]
 
 
 def http_json(method: str, url: str, body: object | bytes | None = None,
-              headers: dict[str, str] | None = None, timeout: float = 10.0) -> tuple[int, object]:
+              headers: dict[str, str] | None = None, timeout: float = 10.0,
+              context: "ssl.SSLContext | None" = None) -> tuple[int, object]:
     """One HTTP request; returns (status, parsed JSON body or raw text)."""
     data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
     request = urllib.request.Request(url, data=data, method=method, headers=headers or {})
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
+        with urllib.request.urlopen(request, timeout=timeout, context=context) as response:
             status, raw = response.status, response.read()
     except urllib.error.HTTPError as exc:
         status, raw = exc.code, exc.read()
@@ -147,14 +153,23 @@ class BrokerProcess:
     host: str = "127.0.0.1"
     process: subprocess.Popen | None = None
     log_path: str | None = None
+    tls_ca: str | None = None   # the broker serves TLS; clients trust this certificate
+
+    @property
+    def ssl_context(self) -> "ssl.SSLContext | None":
+        if self.tls_ca is None:
+            return None
+        import ssl
+
+        return ssl.create_default_context(cafile=self.tls_ca)
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        return f"{'https' if self.tls_ca else 'http'}://{self.host}:{self.port}"
 
     @property
     def ws_url(self) -> str:
-        return f"ws://{self.host}:{self.port}/ws"
+        return f"{'wss' if self.tls_ca else 'ws'}://{self.host}:{self.port}/ws"
 
     def command(self) -> list[str]:
         return [sys.executable, "-m", "broker", "serve", "--host", self.host,
@@ -174,7 +189,7 @@ class BrokerProcess:
             if self.process is not None and self.process.poll() is not None:
                 raise RuntimeError(f"broker exited early with {self.process.returncode}")
             try:
-                status, _ = http_json("GET", self.url + "/readyz", timeout=1.0)
+                status, _ = http_json("GET", self.url + "/readyz", timeout=1.0, context=self.ssl_context)
                 if status == 200:
                     return
             except OSError:
@@ -185,7 +200,8 @@ class BrokerProcess:
     def api(self, method: str, path: str, body: object | bytes | None = None,
             headers: dict[str, str] | None = None) -> tuple[int, object]:
         return http_json(method, self.url + path, body,
-                         {"Authorization": f"apikey {self.api_key}", **(headers or {})})
+                         {"Authorization": f"apikey {self.api_key}", **(headers or {})},
+                         context=self.ssl_context)
 
     def publish(self, channel: str, data: object) -> dict:
         status, reply = self.api("POST", "/api/publish", {"channel": channel, "data": data})

@@ -62,8 +62,6 @@ class Watched(Protocol):
         """Bytes queued for ``session``."""
         ...
 
-    def shrink(self) -> None:
-        """Drop what can be rebuilt (frame caches) at level 1."""
 
 
 class Watch:
@@ -132,7 +130,6 @@ class Watch:
             (log.warning if transition.rising else log.info)("shard: %s", transition.message())
         level = self.degradation.level
         if level >= 1:
-            self.shard.shrink()
             release_memory()
         if level >= 2:
             self._cut_heaviest()

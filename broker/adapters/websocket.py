@@ -8,9 +8,11 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
+from .._fastpath import FRAMING_NATIVE
 from ..errors import ProtocolViolation
 from ..handshake import Accepted
 from ..pressure import TokenBucket
+from ..tls import is_tls
 from .native.protocol import BadCommandBudget, error_line, reply_line
 from .session import Session, SessionHost
 
@@ -33,10 +35,14 @@ class WebSocketSession(Session):
         self._bucket: TokenBucket | None = None
 
     def start(self) -> None:
-        """Join the shard: the C flush writes plain frames to a dup of the
-        socket itself; compressed connections go through write_pending."""
-        self.host.open_session(self, fd=-1 if self.conn.deflate else self.conn.dup_fd())
-        self.host.set_paused(self, self.conn.paused)
+        """Join the shard: the C flush writes this session's frames (plain or
+        compressed) to a dup of the socket itself, except through TLS, where
+        every byte must go through the transport (write_pending)."""
+        conn = self.conn
+        fd = -1 if conn.transport is None or is_tls(conn.transport) else conn.dup_fd()
+        self.host.open_session(self, fd=fd, framing=FRAMING_NATIVE,
+                               window_bits=conn.window_bits if conn.deflate else 0)
+        self.host.set_paused(self, conn.paused)
 
     # ------------------------------------------------ from the connection
     def wire_paused(self, paused: bool) -> None:
@@ -105,9 +111,9 @@ class WebSocketSession(Session):
         conn = self.conn
         if (conn.paused and not force) or conn.transport is None:
             return
-        payload = self.host.take_pending(self)
-        if payload:
-            conn.transport.write(self.host.batch_frame(payload, conn.deflate, conn.window_bits))
+        frames = self.host.take_frames(self)
+        if frames:
+            conn.transport.write(frames)
 
     def write_tail(self, rest: bytes | None) -> None:
         transport = self.conn.transport
