@@ -449,6 +449,8 @@ class Shard:
             "memory_cuts": self.watch.cut_for_memory,
             "upgrades_refused_memory": self.watch.refused_for_memory,
             "upgrades_refused_per_ip": self.watch.refused_per_ip,
+            "upgrades_refused_fds": self.watch.fd_refusals.count,
+            "websocket_capacity": self.watch.websocket_capacity,
             "engine": self.engine.stats(),
             "batch_lines": PowerHistogram.from_counts(self.outbound.batch_histogram(),
                                                       self.outbound.lines_written),
