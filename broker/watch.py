@@ -105,6 +105,7 @@ class Watch:
         self.refused_for_memory = 0
         self.refused_per_ip = 0
         self.websocket_capacity = websocket_capacity()
+        self._peak_sessions = 0  # since memory was last returned to the system
         self.fd_refusals = EmfileReporter()
         self._process = psutil.Process(os.getpid())
         self._next_memory_check = 0.0
@@ -150,7 +151,19 @@ class Watch:
         if now >= self._next_memory_check:
             self._next_memory_check = now + shard.config.memory.check_interval
             self.check_memory()
+        self._return_memory_after_a_wave()
         self._timer = shard.loop.call_later(TICK, self._tick)
+
+    def _return_memory_after_a_wave(self) -> None:
+        """When a wave of connections has gone (half of the peak, and at
+        least a few hundred), hand the freed heap back: without it the
+        allocator keeps the pages and RSS only ever grows (issue 13's soak)."""
+        count = self.shard.websocket_count
+        if count > self._peak_sessions:
+            self._peak_sessions = count
+        elif self._peak_sessions - count >= 256 and count <= self._peak_sessions // 2:
+            release_memory()
+            self._peak_sessions = count
 
     def check_memory(self) -> None:
         """Measure RSS, move between levels (logged once per change), act."""
