@@ -73,10 +73,6 @@ def configure_logging(level: str) -> None:
 def serve(config: Config) -> int:
     """``broker serve``: a supervisor and its shards, until SIGTERM/SIGINT."""
     configure_logging(config.log_level)
-    if config.redis_url:
-        print("error: redis_url: the Redis engine is not built yet; "
-              "run without --redis for one host", file=sys.stderr)
-        return 2
     if config.api_key is None:
         log.warning("no api_key configured: the server API accepts unauthenticated requests")
     from .supervisor import Supervisor
@@ -129,7 +125,12 @@ class Broker:
         asyncio.set_event_loop(loop)
         self._stop = asyncio.Event()
         try:
-            shard = Shard(self.config, loop=loop)
+            engine = None
+            if self.config.redis_url:
+                from .engine.redis import RedisEngine
+
+                engine = RedisEngine(self.config, loop)
+            shard = Shard(self.config, loop=loop, engine=engine)
             self._bound["shard"] = shard
 
             def listening(port: int) -> None:

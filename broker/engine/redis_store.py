@@ -1,0 +1,344 @@
+"""Redis as the sequencer and history store of every channel (many hosts).
+
+One Lua script per publication (the model is Centrifugo's Redis engine):
+the next offset from the channel's meta hash, the append to a capped history
+stream (the namespace's size, and its TTL on the key), and the sharded
+publish (SPUBLISH) to every host that follows the channel, all atomic, so
+offsets are gapless and identical on every host. The meta hash also holds
+the channel's epoch: a Redis that lost its data has no meta, and the first
+script that needs it creates a new epoch, so old offsets never mean new
+publications.
+
+All keys of a channel share one hash tag (``{channel}``), so one channel
+lives in one slot of a Redis Cluster, together with its pub/sub channel.
+
+Script calls issued in the same loop turn go to Redis as one pipeline:
+publications that arrive together cost one round trip, not one each.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import zlib
+from dataclasses import dataclass
+from typing import Any, Callable
+from urllib.parse import urlsplit, urlunsplit
+
+from redis.asyncio import Redis, RedisCluster
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import NoScriptError, RedisError, ResponseError
+
+from ..config import Config
+from ..errors import EngineUnavailable
+from .base import Position
+
+__all__ = ["RedisStore", "Keys", "Codec", "is_cluster_url", "PUBLISH_LUA", "READ_LUA"]
+
+log = logging.getLogger("broker.engine.redis")
+
+# KEYS: meta hash, history stream. ARGV: pub/sub channel, payload (codec
+# flag + data), history size, history TTL in ms (0: none), epoch to use if
+# the channel has none, meta TTL in s (0: none).
+PUBLISH_LUA = """
+local epoch = redis.call('hget', KEYS[1], 'e')
+if not epoch then
+  epoch = ARGV[5]
+  redis.call('hset', KEYS[1], 'e', epoch)
+  redis.call('del', KEYS[2])
+end
+local offset = redis.call('hincrby', KEYS[1], 'o', 1)
+if tonumber(ARGV[6]) > 0 then redis.call('expire', KEYS[1], ARGV[6]) end
+local t = redis.call('time')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+redis.call('xadd', KEYS[2], 'MAXLEN', ARGV[3], '0-' .. offset, 'd', ARGV[2], 't', now)
+if tonumber(ARGV[4]) > 0 then redis.call('pexpire', KEYS[2], ARGV[4]) end
+redis.call('spublish', ARGV[1], epoch .. ':' .. offset .. ':' .. ARGV[2])
+return {offset, epoch}
+"""
+
+# KEYS: meta hash, history stream. ARGV: since, limit, epoch to use if the
+# channel has none, meta TTL in s. Returns epoch, last offset, Redis time in
+# ms (to judge the entries' age on one clock), and up to ``limit`` history
+# entries after ``since``.
+READ_LUA = """
+local meta = redis.call('hmget', KEYS[1], 'e', 'o')
+local epoch, offset = meta[1], tonumber(meta[2] or '0')
+if not epoch then
+  epoch = ARGV[3]
+  offset = 0
+  redis.call('hset', KEYS[1], 'e', epoch, 'o', 0)
+  redis.call('del', KEYS[2])
+end
+if tonumber(ARGV[4]) > 0 then redis.call('expire', KEYS[1], ARGV[4]) end
+local t = redis.call('time')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+local entries = {}
+local since = tonumber(ARGV[1])
+if tonumber(ARGV[2]) > 0 and since < offset then
+  entries = redis.call('xrange', KEYS[2], '(0-' .. since, '+', 'COUNT', ARGV[2])
+end
+return {epoch, offset, now, entries}
+"""
+
+
+def is_cluster_url(url: str) -> bool:
+    return urlsplit(url).scheme.endswith("+cluster")
+
+
+def plain_url(url: str) -> str:
+    """``redis+cluster://h:p`` → ``redis://h:p`` (what redis-py reads)."""
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(scheme=parts.scheme.replace("+cluster", "")))
+
+
+class Keys:
+    """Names in Redis. The ``{channel}`` hash tag keeps a channel's keys and
+    its pub/sub channel in one cluster slot."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self._head = len(prefix) + 2  # "<prefix>:{"
+
+    def meta(self, channel: str) -> str:
+        return f"{self.prefix}:{{{channel}}}:m"
+
+    def history(self, channel: str) -> str:
+        return f"{self.prefix}:{{{channel}}}:h"
+
+    def presence(self, channel: str) -> str:
+        return f"{self.prefix}:{{{channel}}}:p"
+
+    def topic(self, channel: str) -> bytes:
+        return f"{self.prefix}:{{{channel}}}".encode()
+
+    def channel_of(self, topic: bytes) -> str:
+        return topic[self._head:-1].decode()
+
+
+class Codec:
+    """How a payload travels through Redis: a flag byte, then the JSON as
+    is (``j``) or zlib-compressed (``z``) when it is at least ``threshold``
+    bytes and compression makes it smaller. Clients never see the difference."""
+
+    def __init__(self, threshold: int) -> None:
+        self.threshold = threshold
+        self.compressed = 0
+
+    def encode(self, data: bytes) -> bytes:
+        if self.threshold and len(data) >= self.threshold:
+            packed = zlib.compress(data, 1)
+            if len(packed) < len(data):
+                self.compressed += 1
+                return b"z" + packed
+        return b"j" + data
+
+    @staticmethod
+    def decode(payload: bytes) -> bytes:
+        if payload[:1] == b"z":
+            return zlib.decompress(payload[1:])
+        return payload[1:]
+
+
+@dataclass(frozen=True, slots=True)
+class _Script:
+    text: str
+    sha: str
+
+
+def _script(text: str) -> _Script:
+    import hashlib
+
+    return _Script(text, hashlib.sha1(text.encode()).hexdigest())
+
+
+_PUBLISH = _script(PUBLISH_LUA)
+_READ = _script(READ_LUA)
+
+
+def connect(url: str, timeout: float) -> Redis | RedisCluster:
+    """A command client with no retries of its own: a publication that
+    failed is a 503 to its publisher, never sent twice behind its back."""
+    # RESP2: pub/sub messages are plain replies on the link's own connection
+    # (RESP3 would make them push messages, handled behind our back).
+    options: dict[str, Any] = dict(socket_timeout=timeout, socket_connect_timeout=timeout,
+                                   retry=Retry(NoBackoff(), 0), protocol=2)
+    if is_cluster_url(url):
+        return RedisCluster.from_url(plain_url(url), **options)
+    return Redis.from_url(url, **options)
+
+
+class RedisStore:
+    """Script calls (batched per loop turn) and the health of the connection."""
+
+    def __init__(self, config: Config, loop: asyncio.AbstractEventLoop,
+                 client: Redis | RedisCluster | None = None) -> None:
+        assert config.redis_url is not None
+        self.config = config
+        self.settings = config.redis
+        self.loop = loop
+        self.client = client or connect(config.redis_url, self.settings.timeout)
+        self.cluster = isinstance(self.client, RedisCluster)
+        self.keys = Keys(self.settings.prefix)
+        self.codec = Codec(self.settings.compress_threshold)
+        self.healthy = False
+        self.on_recovered: Callable[[], None] = lambda: None
+        self._queue: list[tuple[_Script, list[Any], asyncio.Future[Any]]] = []
+        self._flush_scheduled = False
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._watcher: asyncio.Task[None] | None = None
+        # counters since start
+        self.calls = 0
+        self.batches = 0
+        self.errors = 0
+        self.outages = 0
+
+    # ------------------------------------------------------------ scripts
+    async def publish(self, channel: str, data: bytes) -> Position:
+        """Sequence, store and publish one publication: its position once stored."""
+        ns = self.config.namespace_for(channel)
+        size, ttl = (ns.history_size, ns.history_ttl) if ns else (1, 0.0)
+        offset, epoch = await self._call(_PUBLISH, [
+            self.keys.meta(channel), self.keys.history(channel), self.keys.topic(channel),
+            self.codec.encode(data), size, int(ttl * 1000), secrets.token_hex(6),
+            int(self.settings.meta_ttl)])
+        return Position(epoch.decode(), int(offset))
+
+    async def read(self, channel: str, since: int, limit: int) -> tuple[Position, list[tuple[int, bytes]]]:
+        """The channel's position and its retained publications after ``since``."""
+        epoch, offset, now, entries = await self._call(
+            _READ, [self.keys.meta(channel), self.keys.history(channel), max(0, since),
+                    max(0, limit), secrets.token_hex(6), int(self.settings.meta_ttl)])
+        position = Position(epoch.decode(), int(offset))
+        if not entries:
+            return position, []
+        ns = self.config.namespace_for(channel)
+        oldest = int(now) - int(ns.history_ttl * 1000) if ns and ns.history_ttl > 0 else None
+        decode = self.codec.decode
+        publications = []
+        for entry_id, fields in entries:
+            record = dict(zip(fields[::2], fields[1::2]))
+            if oldest is not None and int(record[b"t"]) < oldest:
+                continue  # aged out (the key's TTL only ends a whole idle history)
+            publications.append((int(entry_id[2:]), decode(record[b"d"])))
+        return position, publications
+
+    def _call(self, script: _Script, args: list[Any]) -> "asyncio.Future[Any]":
+        """Queue one script call for this loop turn's pipeline."""
+        future: asyncio.Future[Any] = self.loop.create_future()
+        if not self.healthy:
+            future.set_exception(EngineUnavailable("Redis is unreachable"))
+            return future
+        self._queue.append((script, args, future))
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self.loop.call_soon(self._flush)
+        return future
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        batch, self._queue = self._queue, []
+        if batch:
+            self._spawn(self._run(batch))
+
+    def _spawn(self, coroutine: Any) -> None:
+        task = self.loop.create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run(self, batch: list[tuple[_Script, list[Any], asyncio.Future[Any]]],
+                   reloaded: bool = False) -> None:
+        self.batches += 1
+        self.calls += len(batch)
+        try:
+            results = await asyncio.wait_for(self._execute(batch), self.settings.timeout)
+        except (RedisError, OSError, asyncio.TimeoutError) as exc:
+            reason = str(exc) or type(exc).__name__
+            self.errors += 1
+            self._down(f"a call failed: {reason}")
+            for _, _, future in batch:
+                if not future.done():
+                    future.set_exception(EngineUnavailable(f"Redis: {reason}"))
+            return
+        again = []
+        for (script, args, future), result in zip(batch, results):
+            if future.done():
+                continue
+            if isinstance(result, NoScriptError) and not reloaded:
+                again.append((script, args, future))  # not run: safe to send again
+            elif isinstance(result, Exception):
+                self.errors += 1
+                future.set_exception(EngineUnavailable(f"Redis: {result}"))
+            else:
+                future.set_result(result)
+        if again:
+            try:
+                await asyncio.wait_for(self._load_scripts(), self.settings.timeout)
+            except (RedisError, OSError, asyncio.TimeoutError) as exc:
+                for _, _, future in again:
+                    future.set_exception(EngineUnavailable(f"Redis: cannot load scripts: {exc}"))
+                return
+            await self._run(again, reloaded=True)
+
+    async def _execute(self, batch: list[tuple[_Script, list[Any], asyncio.Future[Any]]]) -> list[Any]:
+        pipe = self.client.pipeline(transaction=False)
+        for script, args, _ in batch:
+            pipe.evalsha(script.sha, 2, *args)
+        return await pipe.execute(raise_on_error=False)
+
+    # ------------------------------------------------------------- health
+    def start(self) -> None:
+        self._watcher = self.loop.create_task(self._watch())
+
+    async def _watch(self) -> None:
+        """PING every ``health_interval``: readiness, and the moment Redis
+        comes back (then the engine resyncs its streams)."""
+        while True:
+            try:
+                await asyncio.wait_for(self._check(), self.settings.timeout)
+            except (RedisError, OSError, asyncio.TimeoutError, IndexError) as exc:
+                self._down(f"health check failed: {exc or type(exc).__name__}")
+            else:
+                if not self.healthy:
+                    self.healthy = True
+                    log.info("Redis reachable at %s", self.config.redis_url)
+                    self.on_recovered()
+            await asyncio.sleep(self.settings.health_interval)
+
+    async def _check(self) -> None:
+        client: Any = self.client
+        if self.cluster:
+            await client.initialize()  # learns the slots; again after a failure
+            await client.ping(target_nodes=RedisCluster.PRIMARIES)
+        else:
+            await client.ping()
+        if not self.healthy:
+            await self._load_scripts()
+
+    async def _load_scripts(self) -> None:
+        """Scripts live in Redis's memory only: load them after every outage
+        (a restarted Redis answers NOSCRIPT until then; on a cluster, every primary)."""
+        for text in (PUBLISH_LUA, READ_LUA):
+            await self.client.script_load(text)
+
+    def _down(self, reason: str) -> None:
+        if self.healthy:
+            self.healthy = False
+            self.outages += 1
+            log.warning("Redis unreachable (%s): publishing and subscribing answer 503", reason)
+
+    async def close(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+        for task in list(self._tasks):
+            task.cancel()
+        try:
+            await self.client.aclose()
+        except (RedisError, OSError):
+            pass
+
+    def stats(self) -> dict[str, int]:
+        return {"redis_calls": self.calls, "redis_batches": self.batches,
+                "redis_errors": self.errors, "redis_outages": self.outages,
+                "redis_compressed": self.codec.compressed, "redis_up": int(self.healthy)}
