@@ -85,7 +85,7 @@ class RedisServer:
 
     def cli(self, *args: str, check: bool = True) -> str:
         result = subprocess.run(["redis-cli", "-p", str(self.port), *args],
-                                capture_output=True, text=True, timeout=10)
+                                capture_output=True, text=True, errors="replace", timeout=10)
         if check and result.returncode != 0:
             raise RuntimeError(result.stderr)
         return result.stdout

@@ -68,7 +68,7 @@ class RedisEngine(Engine):
         self.links = Links(self.loop, self.store.client, self._on_message, self._on_restored,
                            config.redis.timeout, config.redis.reconnect_backoff_max)
         self.streams = Streams(RedisSource(self.store, self.links),
-                               catch_up_timeout=config.redis.timeout)
+                               catch_up_timeout=config.redis.timeout, stall_when_unreachable=True)
         self.store.on_recovered = self._on_recovered
         self.malformed = 0
         # The shard's own stats, for another shard's /api/stats (set by the shard).
@@ -139,7 +139,10 @@ class RedisEngine(Engine):
             log.warning("malformed publication on %r: %s", topic, exc)
 
     def _on_restored(self, topics: set[bytes]) -> None:
-        """A link is back: repair the channels it carries from history."""
+        """A link is back: repair the channels it carries from history (if
+        Redis does not answer commands yet, its recovery resyncs everything)."""
+        if not self.store.healthy:
+            return
         channels = {self.keys.channel_of(topic) for topic in topics}
         self.streams.resync(channels.__contains__)
 

@@ -51,6 +51,8 @@ class PubSubLink:
         self._outbox: deque[tuple[bytes, ...]] = deque()
         self._sending = False
         self._closed = False
+        self._up_event = asyncio.Event()
+        self._restored: set[bytes] = set()  # topics the last (re)connect subscribed
         self._task = loop.create_task(self._run())
 
     # ------------------------------------------------------------ callers
@@ -58,7 +60,18 @@ class PubSubLink:
         """Follow ``topic``; returns once Redis confirmed (EngineUnavailable if not)."""
         self.topics.add(topic)
         if not self.up:
-            raise EngineUnavailable(f"Redis pub/sub ({self.name}) is not connected")
+            # A new link (a cluster node seen for the first time) is still
+            # connecting, or a broken one is reconnecting: give it the timeout.
+            try:
+                await asyncio.wait_for(self._up_event.wait(), self.timeout)
+            except asyncio.TimeoutError:
+                raise EngineUnavailable(f"Redis pub/sub ({self.name}) is not connected") from None
+            if topic not in self.topics:
+                return  # left while waiting
+            if not self.up:
+                raise EngineUnavailable(f"Redis pub/sub ({self.name}) is not connected")
+            if topic in self._restored:
+                return  # the (re)connect subscribed it already
         confirmed = self._expect(topic)
         self._send(b"SSUBSCRIBE", topic)
         try:
@@ -102,7 +115,7 @@ class PubSubLink:
             try:
                 await asyncio.wait_for(conn.connect(), self.timeout)
                 self._conn = conn
-                restored = set(self.topics)
+                restored = self._restored = set(self.topics)
                 waits = [self._expect(topic) for topic in restored]
                 for topic in restored:
                     self._send(b"SSUBSCRIBE", topic)
@@ -111,6 +124,7 @@ class PubSubLink:
                     if waits:
                         await asyncio.wait_for(asyncio.gather(*waits), self.timeout)
                     self.up = True
+                    self._up_event.set()
                     delay = 0.0
                     if not first:
                         self.reconnects += 1
@@ -128,6 +142,7 @@ class PubSubLink:
                 await self._disconnect(conn)
                 raise
             self.up = False
+            self._up_event.clear()
             self._conn = None
             self._outbox.clear()
             self._fail_confirmations()

@@ -160,13 +160,24 @@ _READ = _script(READ_LUA)
 def connect(url: str, timeout: float) -> Redis | RedisCluster:
     """A command client with no retries of its own: a publication that
     failed is a 503 to its publisher, never sent twice behind its back."""
+    if is_cluster_url(url):
+        return RedisCluster.from_url(plain_url(url), **_options(timeout))
+    return Redis.from_url(url, **_options(timeout))
+
+
+def _options(timeout: float) -> dict[str, Any]:
     # RESP2: pub/sub messages are plain replies on the link's own connection
     # (RESP3 would make them push messages, handled behind our back).
-    options: dict[str, Any] = dict(socket_timeout=timeout, socket_connect_timeout=timeout,
-                                   retry=Retry(NoBackoff(), 0), protocol=2)
-    if is_cluster_url(url):
-        return RedisCluster.from_url(plain_url(url), **options)
-    return Redis.from_url(url, **options)
+    return dict(socket_timeout=timeout, socket_connect_timeout=timeout,
+                retry=Retry(NoBackoff(), 0), protocol=2)
+
+
+def node_url(url: str, host: str, port: int) -> str:
+    """The seed URL (credentials, TLS) pointed at another node of its cluster."""
+    parts = urlsplit(plain_url(url))
+    credentials = parts.netloc.rpartition("@")[0]
+    netloc = f"{credentials}@{host}:{port}" if credentials else f"{host}:{port}"
+    return urlunsplit(parts._replace(netloc=netloc, path=""))
 
 
 class RedisStore:
@@ -188,6 +199,8 @@ class RedisStore:
         self._flush_scheduled = False
         self._tasks: set[asyncio.Task[Any]] = set()
         self._watcher: asyncio.Task[None] | None = None
+        self._nodes: dict[str, Redis] = {}  # cluster: a plain client per primary, for pipelines
+        self._refresh_slots = False         # cluster: a MOVED/ASK reply was seen
         # counters since start
         self.calls = 0
         self.batches = 0
@@ -253,7 +266,7 @@ class RedisStore:
         self.calls += len(batch)
         try:
             results = await asyncio.wait_for(self._execute(batch), self.settings.timeout)
-        except (RedisError, OSError, asyncio.TimeoutError) as exc:
+        except Exception as exc:  # whatever went wrong, every caller gets its answer
             reason = str(exc) or type(exc).__name__
             self.errors += 1
             self._down(f"a call failed: {reason}")
@@ -275,17 +288,48 @@ class RedisStore:
         if again:
             try:
                 await asyncio.wait_for(self._load_scripts(), self.settings.timeout)
-            except (RedisError, OSError, asyncio.TimeoutError) as exc:
+            except Exception as exc:
                 for _, _, future in again:
                     future.set_exception(EngineUnavailable(f"Redis: cannot load scripts: {exc}"))
                 return
             await self._run(again, reloaded=True)
 
     async def _execute(self, batch: list[tuple[_Script, list[Any], asyncio.Future[Any]]]) -> list[Any]:
-        pipe = self.client.pipeline(transaction=False)
+        if not self.cluster:
+            return await self._pipeline(self.client, batch)
+        # Redis Cluster: one pipeline per primary, for the calls whose channel
+        # lives there (redis-py's cluster pipeline does not run scripts).
+        cluster: Any = self.client
+        groups: dict[str, list[int]] = {}
+        for index, (_, args, _) in enumerate(batch):
+            groups.setdefault(cluster.get_node_from_key(args[0]).name, []).append(index)
+        results: list[Any] = [None] * len(batch)
+
+        async def run(name: str, indexes: list[int]) -> None:
+            replies = await self._pipeline(self._node(name), [batch[i] for i in indexes])
+            for index, reply in zip(indexes, replies):
+                if isinstance(reply, ResponseError) and str(reply).startswith(("MOVED", "ASK")):
+                    self._refresh_slots = True  # resharding: learn the new owners
+                results[index] = reply
+
+        await asyncio.gather(*(run(name, indexes) for name, indexes in groups.items()))
+        return results
+
+    @staticmethod
+    async def _pipeline(client: Any, batch: list[tuple[_Script, list[Any], asyncio.Future[Any]]]) -> list[Any]:
+        pipe = client.pipeline(transaction=False)
         for script, args, _ in batch:
             pipe.evalsha(script.sha, 2, *args)
         return await pipe.execute(raise_on_error=False)
+
+    def _node(self, name: str) -> Redis:
+        client = self._nodes.get(name)
+        if client is None:
+            host, _, port = name.rpartition(":")
+            assert self.config.redis_url is not None
+            client = self._nodes[name] = Redis.from_url(
+                node_url(self.config.redis_url, host, int(port)), **_options(self.settings.timeout))
+        return client
 
     # ------------------------------------------------------------- health
     def start(self) -> None:
@@ -297,7 +341,7 @@ class RedisStore:
         while True:
             try:
                 await asyncio.wait_for(self._check(), self.settings.timeout)
-            except (RedisError, OSError, asyncio.TimeoutError, IndexError) as exc:
+            except Exception as exc:  # any failure means: not ready
                 self._down(f"health check failed: {exc or type(exc).__name__}")
             else:
                 if not self.healthy:
@@ -309,6 +353,9 @@ class RedisStore:
     async def _check(self) -> None:
         client: Any = self.client
         if self.cluster:
+            if self._refresh_slots:
+                self._refresh_slots = False
+                await client.nodes_manager.initialize()
             await client.initialize()  # learns the slots; again after a failure
             await client.ping(target_nodes=RedisCluster.PRIMARIES)
         else:
@@ -319,8 +366,13 @@ class RedisStore:
     async def _load_scripts(self) -> None:
         """Scripts live in Redis's memory only: load them after every outage
         (a restarted Redis answers NOSCRIPT until then; on a cluster, every primary)."""
-        for text in (PUBLISH_LUA, READ_LUA):
-            await self.client.script_load(text)
+        clients: list[Any] = [self.client]
+        if self.cluster:
+            cluster: Any = self.client
+            clients = [self._node(node.name) for node in cluster.get_primaries()]
+        for client in clients:
+            for text in (PUBLISH_LUA, READ_LUA):
+                await client.script_load(text)
 
     def _down(self, reason: str) -> None:
         if self.healthy:
@@ -333,10 +385,11 @@ class RedisStore:
             self._watcher.cancel()
         for task in list(self._tasks):
             task.cancel()
-        try:
-            await self.client.aclose()
-        except (RedisError, OSError):
-            pass
+        for client in [self.client, *self._nodes.values()]:
+            try:
+                await client.aclose()
+            except (RedisError, OSError):
+                pass
 
     def stats(self) -> dict[str, int]:
         return {"redis_calls": self.calls, "redis_batches": self.batches,

@@ -58,7 +58,8 @@ class StreamSource(Protocol):
 
 
 class _Cursor:
-    __slots__ = ("epoch", "offset", "state", "ready", "backlog", "pending", "waiters", "recheck")
+    __slots__ = ("epoch", "offset", "state", "ready", "backlog", "pending", "waiters", "recheck",
+                 "stalled")
 
     def __init__(self, ready: "asyncio.Future[None]") -> None:
         self.epoch = ""
@@ -69,14 +70,20 @@ class _Cursor:
         self.pending = 0            # subscribes using this cursor right now
         self.waiters: list[tuple[int, asyncio.Future[None]]] = []  # (offset, woken when delivered)
         self.recheck = False        # resync once the repair in progress is done
+        self.stalled = False        # a repair found the source unreachable; the next resync resumes it
 
 
 class Streams:
     """The cursors of one shard over one source (see the module docstring)."""
 
-    def __init__(self, source: StreamSource, catch_up_timeout: float = 2.0) -> None:
+    def __init__(self, source: StreamSource, catch_up_timeout: float = 2.0,
+                 stall_when_unreachable: bool = False) -> None:
         self.source = source
         self.catch_up_timeout = catch_up_timeout
+        # A source that calls resync() when it is reachable again (Redis)
+        # lets a repair that cannot reach it wait for that; otherwise the
+        # stream is lost at once and its subscribers recover.
+        self.stall_when_unreachable = stall_when_unreachable
         self.cursors: dict[str, _Cursor] = {}
         self.deliver: DeliverFn = lambda channel, offset, data: None
         self.lost: Callable[[str, str], None] = lambda channel, reason: None
@@ -195,6 +202,9 @@ class Streams:
             if cursor.state == LIVE:
                 cursor.state = REPAIRING
                 self._spawn(self._resync(channel, cursor))
+            elif cursor.stalled:
+                cursor.stalled = False
+                self._spawn(self._resync(channel, cursor))
             elif cursor.state == REPAIRING:
                 cursor.recheck = True
 
@@ -279,6 +289,9 @@ class Streams:
             missed = await self._history_range(channel, cursor.epoch, cursor.offset, lambda: upto)
         except EngineUnavailable as exc:
             missed = f"history unreachable: {exc}"
+            if self.stall_when_unreachable and self.cursors.get(channel) is cursor:
+                cursor.stalled = True
+                return
         if self.cursors.get(channel) is not cursor:
             return
         if isinstance(missed, str):
@@ -301,7 +314,10 @@ class Streams:
         try:
             truth = await self.source.position(channel)
         except EngineUnavailable as exc:
-            self._lose(channel, cursor, f"source unreachable: {exc}")
+            if self.stall_when_unreachable:
+                cursor.stalled = True
+            else:
+                self._lose(channel, cursor, f"source unreachable: {exc}")
             return
         if self.cursors.get(channel) is not cursor:
             return
