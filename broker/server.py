@@ -131,6 +131,10 @@ class Broker:
 
                 engine = RedisEngine(self.config, loop)
             shard = Shard(self.config, loop=loop, engine=engine)
+            if engine is not None:
+                from .engine.redis import shard_presence
+
+                engine.local_presence = shard_presence(shard)
             self._bound["shard"] = shard
 
             def listening(port: int) -> None:

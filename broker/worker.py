@@ -18,6 +18,7 @@ from .config import Config
 from .engine.base import Engine
 from .engine.cluster import ClusterEngine
 from .engine.journal import Journal
+from .engine.redis import RedisEngine, shard_presence
 from .engine.memory import MemoryEngine
 from .router import Endpoints, Router
 from .server import configure_logging, new_loop, serve_shard
@@ -67,8 +68,6 @@ def main(argv: list[str] | None = None) -> int:
     if config.redis_url:
         # Redis sequences every channel: no home shards, no journal. ZeroMQ
         # still carries the supervisor's status and the shards' stats.
-        from .engine.redis import RedisEngine
-
         return _run(shard_id_int, parent, run_dir, config, loop, stop, router,
                     RedisEngine(config, loop, router), journal=None)
     state_dir = config.state_dir or run_dir
@@ -93,6 +92,8 @@ def _run(shard_id_int: int, parent: int, run_dir: str, config: Config,
     """Serve one shard with ``engine`` until ``stop``, then clean up."""
     shard = Shard(config, shard_id=shard_id_int, engine=engine, loop=loop)
     shard.attach_router(router)
+    if isinstance(engine, RedisEngine):
+        engine.local_presence = shard_presence(shard)
 
     def listening(port: int) -> None:
         router.tell_supervisor({"ready": shard_id_int, "pid": os.getpid()})

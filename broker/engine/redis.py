@@ -20,6 +20,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
+import socket
 import zlib
 from typing import Any, Callable
 
@@ -29,9 +31,23 @@ from .redis_pubsub import Links
 from .redis_store import Codec, RedisStore
 from .streams import Streams
 
-__all__ = ["RedisEngine", "RedisSource"]
+__all__ = ["RedisEngine", "RedisSource", "shard_presence"]
 
 log = logging.getLogger("broker.engine.redis")
+
+
+def shard_presence(shard: Any) -> Callable[[str], tuple[int, list[str]]]:
+    """A shard's subscribers of a channel and their user ids, for presence
+    (read from its subscription table and its connections' identities)."""
+    def read(channel: str) -> tuple[int, list[str]]:
+        ids = list(shard.subs.subscribers(channel))  # a copy: the view must not be kept
+        users = set()
+        for cid in ids:
+            identity = getattr(shard.conns[cid], "identity", None)
+            if identity is not None and identity.user is not None:
+                users.add(identity.user)
+        return len(ids), sorted(users)
+    return read
 
 
 class RedisSource:
@@ -76,7 +92,14 @@ class RedisEngine(Engine):
         self.router = router
         if router is not None:
             router.on_request = self._on_request
+        # Presence: ``local_presence(channel) -> (subscribers, user ids)`` of
+        # this shard (set by whoever builds the shard); each shard keeps its
+        # own entry per channel in Redis, refreshed before it expires.
+        self.local_presence: Callable[[str], tuple[int, list[str]]] | None = None
+        self.presence_id = f"{socket.gethostname()}:{os.getpid()}"
+        self._presence_sent: dict[str, tuple[bytes, float]] = {}
         self.store.start()
+        self._presence_task = self.loop.create_task(self._presence_loop())
 
     # The shard sets ``deliver`` and ``lost``; the cursors call them.
     @property
@@ -121,7 +144,49 @@ class RedisEngine(Engine):
         return {**self.streams.stats(), **self.store.stats(),
                 "redis_reconnects": self.links.reconnects, "redis_malformed": self.malformed}
 
+    async def presence(self, channel: str) -> dict[str, object] | None:
+        entries = await self.store.presence_read(channel)
+        subscribers, users = 0, set()
+        for value in entries.values():
+            try:
+                entry = json.loads(value)
+                subscribers += int(entry["n"])
+                users.update(str(user) for user in entry["u"])
+            except (ValueError, KeyError, TypeError):
+                self.malformed += 1
+        return {"channel": channel, "subscribers": subscribers, "users": sorted(users)}
+
+    async def _presence_loop(self) -> None:
+        """Write this shard's presence entries that changed (or are due for a
+        refresh), and remove those of channels it no longer follows."""
+        ttl = self.config.redis.presence_ttl
+        interval = min(1.0, ttl / 3)
+        while True:
+            await asyncio.sleep(interval)
+            if self.local_presence is None or not self.store.healthy:
+                continue
+            now = self.loop.time()
+            writes = []
+            for channel in list(self.streams.cursors):
+                count, users = self.local_presence(channel)
+                value = json.dumps({"n": count, "u": users}, separators=(",", ":")).encode()
+                sent = self._presence_sent.get(channel)
+                if count and (sent is None or sent[0] != value or now - sent[1] > ttl / 3):
+                    self._presence_sent[channel] = (value, now)
+                    writes.append(self.store.presence_set(channel, self.presence_id, value, ttl))
+                elif not count and sent is not None:
+                    del self._presence_sent[channel]
+                    writes.append(self.store.presence_set(channel, self.presence_id, b"", ttl))
+            for channel in [c for c in self._presence_sent if c not in self.streams.cursors]:
+                del self._presence_sent[channel]
+                writes.append(self.store.presence_set(channel, self.presence_id, b"", ttl))
+            for result in await asyncio.gather(*writes, return_exceptions=True):
+                if isinstance(result, BaseException):
+                    self._presence_sent.clear()  # rewrite everything once Redis answers
+                    break
+
     async def close(self) -> None:
+        self._presence_task.cancel()
         await self.links.close()
         await self.store.close()
         if self.router is not None:

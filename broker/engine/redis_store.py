@@ -99,6 +99,42 @@ return {epoch, offset, now, entries}
 """
 
 
+# KEYS: presence hash. ARGV: field (one shard), value ('' = remove it), TTL
+# in ms. Each field carries its own expiry (Redis time + TTL) before a ':',
+# so a host that died stops counting once its entries expire, and the hash
+# itself expires when nobody refreshes it.
+PRESENCE_SET_LUA = """
+if ARGV[2] == '' then
+  redis.call('hdel', KEYS[1], ARGV[1])
+  return 0
+end
+local t = redis.call('time')
+local expires = t[1] * 1000 + math.floor(t[2] / 1000) + tonumber(ARGV[3])
+redis.call('hset', KEYS[1], ARGV[1], expires .. ':' .. ARGV[2])
+redis.call('pexpire', KEYS[1], ARGV[3])
+return 1
+"""
+
+# KEYS: presence hash. Returns Redis time in ms and the hash's fields/values;
+# expired fields are removed on the way.
+PRESENCE_READ_LUA = """
+local t = redis.call('time')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+local all = redis.call('hgetall', KEYS[1])
+local live = {}
+for i = 1, #all, 2 do
+  local expires = tonumber(string.match(all[i + 1], '^(%d+):'))
+  if expires and expires > now then
+    live[#live + 1] = all[i]
+    live[#live + 1] = all[i + 1]
+  else
+    redis.call('hdel', KEYS[1], all[i])
+  end
+end
+return live
+"""
+
+
 def is_cluster_url(url: str) -> bool:
     return urlsplit(url).scheme.endswith("+cluster")
 
@@ -161,16 +197,20 @@ class Codec:
 class _Script:
     text: str
     sha: str
+    keys: int  # how many of its arguments are keys (the first one routes it in a cluster)
 
 
-def _script(text: str) -> _Script:
+def _script(text: str, keys: int) -> _Script:
     import hashlib
 
-    return _Script(text, hashlib.sha1(text.encode()).hexdigest())
+    return _Script(text, hashlib.sha1(text.encode()).hexdigest(), keys)
 
 
-_PUBLISH = _script(PUBLISH_LUA)
-_READ = _script(READ_LUA)
+_PUBLISH = _script(PUBLISH_LUA, 2)
+_READ = _script(READ_LUA, 2)
+_PRESENCE_SET = _script(PRESENCE_SET_LUA, 1)
+_PRESENCE_READ = _script(PRESENCE_READ_LUA, 1)
+_SCRIPTS = (_PUBLISH, _READ, _PRESENCE_SET, _PRESENCE_READ)
 
 
 def connect(url: str, timeout: float) -> Redis | RedisCluster:
@@ -252,6 +292,15 @@ class RedisStore:
                 continue  # aged out (the key's TTL only ends a whole idle history)
             publications.append((int(entry_id[2:]), decode(record[b"d"])))
         return position, publications
+
+    def presence_set(self, channel: str, field: str, value: bytes, ttl: float) -> "asyncio.Future[Any]":
+        """Store (or with an empty ``value``, remove) one shard's presence entry."""
+        return self._call(_PRESENCE_SET, [self.keys.presence(channel), field, value, int(ttl * 1000)])
+
+    async def presence_read(self, channel: str) -> dict[bytes, bytes]:
+        """Every live presence entry of the channel: field → value (expiry stripped)."""
+        flat = await self._call(_PRESENCE_READ, [self.keys.presence(channel)])
+        return {flat[i]: flat[i + 1].partition(b":")[2] for i in range(0, len(flat), 2)}
 
     def _call(self, script: _Script, args: list[Any]) -> "asyncio.Future[Any]":
         """Queue one script call for this loop turn's pipeline."""
@@ -337,7 +386,8 @@ class RedisStore:
         on one pooled connection (redis-py's connection and reply parser; the
         packing is hiredis's where installed: redis-py's Pipeline costs more
         Python per command than the round trip it saves)."""
-        payload = b"".join([pack_command(("EVALSHA", script.sha, 2, *args)) for script, args, _ in batch])
+        payload = b"".join([pack_command(("EVALSHA", script.sha, script.keys, *args))
+                            for script, args, _ in batch])
         pool = client.connection_pool
         conn = await pool.get_connection()
         try:
@@ -405,8 +455,8 @@ class RedisStore:
             cluster: Any = self.client
             clients = [self._node(node.name) for node in cluster.get_primaries()]
         for client in clients:
-            for text in (PUBLISH_LUA, READ_LUA):
-                await client.script_load(text)
+            for script in _SCRIPTS:
+                await client.script_load(script.text)
 
     def _down(self, reason: str) -> None:
         if self.healthy:

@@ -354,3 +354,34 @@ def test_bad_redis_url_names_the_key_and_exits_2(tmp_path):
     result = subprocess.run([sys.executable, "-m", "broker", "serve", "--redis", "redis://host:notaport"],
                             capture_output=True, text=True, timeout=30)
     assert result.returncode == 2 and "redis_url" in result.stderr
+
+
+def test_presence_counts_subscribers_and_users_across_hosts(broker_factory, redis_server):
+    a, b = start_hosts(broker_factory, redis_server.url)
+    alice = NativeClient(a.ws_url, token=a.token("alice"))
+    bob = NativeClient(b.ws_url, token=b.token("bob"))
+    anonymous = NativeClient(b.ws_url)
+    for client in (alice, bob, anonymous):
+        assert client.subscribe("bill:pres")["op"] == "subscribed"
+
+    def presence(host) -> dict:
+        status, body = host.api("GET", "/api/presence?channel=bill:pres")
+        assert status == 200, body
+        return body
+
+    deadline = time.monotonic() + 10
+    while presence(a) != {"channel": "bill:pres", "subscribers": 3, "users": ["alice", "bob"]}:
+        assert time.monotonic() < deadline, presence(a)
+        time.sleep(0.2)
+    assert presence(b) == presence(a)
+    bob.ws.close()
+    while presence(b) != {"channel": "bill:pres", "subscribers": 2, "users": ["alice"]}:
+        assert time.monotonic() < deadline + 5, presence(b)
+        time.sleep(0.2)
+    assert a.api("GET", "/api/presence")[0] == 400
+    assert a.api("GET", "/api/presence?channel=nope:1")[0] == 400
+
+
+def test_presence_needs_the_redis_engine(broker):
+    status, body = broker.api("GET", "/api/presence?channel=bill:1")
+    assert status == 501 and "redis" in body["error"].lower()
