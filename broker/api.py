@@ -7,7 +7,7 @@ shard does the publishing. Every refusal is an HTTP status with a JSON body
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING, Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Protocol
 
 from .auth import check_api_key
 from .channels import namespace_of, validate_channel
@@ -15,16 +15,35 @@ from .engine import Position
 from .errors import EngineUnavailable, ProtocolViolation
 from .handshake import upgrade_required
 from .httpmsg import Request, Response, error_response, json_response
-from .protocol import decode_json, encode_json
+from .config import Config
+from .engine import Engine
+from .jsoncodec import decode_json, encode_json
 
-if TYPE_CHECKING:
-    from .shard import Shard
-
-__all__ = ["handle", "MAX_HISTORY_LIMIT"]
+__all__ = ["handle", "ApiHost", "MAX_HISTORY_LIMIT"]
 
 MAX_HISTORY_LIMIT = 1000
 
-Handler = Callable[["Shard", Request, "re.Match[str]"], Awaitable[Response]]
+
+class ApiHost(Protocol):
+    """What the API needs from the process serving it (the shard)."""
+
+    config: Config
+    engine: Engine
+    node_id: str
+
+    async def publish(self, channel: str, data_json: bytes) -> Position:
+        """Sequence, store and deliver one publication."""
+        ...
+
+    async def cluster_stats(self) -> list[dict[str, Any]]:
+        """Every shard's stats."""
+        ...
+
+    def not_ready_reason(self) -> str | None:
+        """Why /readyz is 503, or None."""
+        ...
+
+Handler = Callable[[ApiHost, Request, "re.Match[str]"], Awaitable[Response]]
 _ROUTES: list[tuple[str, re.Pattern[str], Handler, bool]] = []  # method, path, handler, needs key
 # Exact paths (no parameters) by (method, path): one dict lookup on the hot path.
 _EXACT: dict[tuple[str, str], tuple[re.Pattern[str], Handler, bool]] = {}
@@ -40,7 +59,7 @@ def route(method: str, pattern: str, needs_key: bool = True):
     return register
 
 
-async def handle(shard: "Shard", request: Request) -> Response:
+async def handle(shard: ApiHost, request: Request) -> Response:
     exact = _EXACT.get((request.method, request.path))
     routes = ((request.method, *exact),) if exact is not None else _ROUTES
     allowed: list[str] = []
@@ -82,7 +101,7 @@ def _json_body(request: Request) -> Any:
         raise _BadRequest(f"invalid JSON body: {exc}") from None
 
 
-def _publishable(shard: "Shard", channel: object) -> str:
+def _publishable(shard: ApiHost, channel: object) -> str:
     """A valid channel in a configured namespace; 400 otherwise."""
     try:
         name = validate_channel(channel)
@@ -107,20 +126,20 @@ def _position_json(channel: str, position: Position) -> bytes:
         channel.encode(), position.epoch.encode(), position.offset)
 
 
-async def _publish_all(shard: "Shard", items: list[tuple[str, bytes]]) -> Response:
+async def _publish_all(shard: ApiHost, items: list[tuple[str, bytes]]) -> Response:
     """Publish validated (channel, data) pairs in order: ``{"results": [...]}``."""
     results = [_position_json(channel, await shard.publish(channel, data_json))
                for channel, data_json in items]
     return Response(200, b'{"results":[' + b",".join(results) + b"]}")
 
 
-async def _publish(shard: "Shard", channel: str, data: Any) -> Response:
+async def _publish(shard: ApiHost, channel: str, data: Any) -> Response:
     position = await shard.publish(channel, _encode_data(data))
     return Response(200, _position_json(channel, position))
 
 
 @route("POST", "/api/publish")
-async def publish(shard: "Shard", request: Request, match: re.Match[str]) -> Response:
+async def publish(shard: ApiHost, request: Request, match: re.Match[str]) -> Response:
     body = _json_body(request)
     if not isinstance(body, dict) or "channel" not in body or "data" not in body:
         raise _BadRequest('body must be {"channel": "...", "data": ...}')
@@ -128,7 +147,7 @@ async def publish(shard: "Shard", request: Request, match: re.Match[str]) -> Res
 
 
 @route("POST", "/api/broadcast")
-async def broadcast(shard: "Shard", request: Request, match: re.Match[str]) -> Response:
+async def broadcast(shard: ApiHost, request: Request, match: re.Match[str]) -> Response:
     body = _json_body(request)
     if not isinstance(body, dict) or not isinstance(body.get("channels"), list) or "data" not in body:
         raise _BadRequest('body must be {"channels": ["..."], "data": ...}')
@@ -144,7 +163,7 @@ MAX_BATCH = 10000
 
 
 @route("POST", "/api/publish/batch")
-async def publish_batch(shard: "Shard", request: Request, match: re.Match[str]) -> Response:
+async def publish_batch(shard: ApiHost, request: Request, match: re.Match[str]) -> Response:
     """Many publications (each its own channel and data) in one request: one
     HTTP round trip instead of N. Validated whole first: one bad item, and
     nothing is published."""
@@ -163,12 +182,12 @@ async def publish_batch(shard: "Shard", request: Request, match: re.Match[str]) 
 
 
 @route("POST", r"/api/bills/(?P<id>[^/]+)/updates")
-async def bill_update(shard: "Shard", request: Request, match: re.Match[str]) -> Response:
+async def bill_update(shard: ApiHost, request: Request, match: re.Match[str]) -> Response:
     return await _publish(shard, _publishable(shard, f"bill:{match['id']}"), _json_body(request))
 
 
 @route("POST", r"/api/users/(?P<id>[^/]+)/notifications")
-async def user_notification(shard: "Shard", request: Request, match: re.Match[str]) -> Response:
+async def user_notification(shard: ApiHost, request: Request, match: re.Match[str]) -> Response:
     return await _publish(shard, _publishable(shard, f"user:{match['id']}"), _json_body(request))
 
 
@@ -187,7 +206,7 @@ def _int_param(query: dict[str, str], name: str, default: int, low: int, high: i
 
 
 @route("GET", "/api/history")
-async def history(shard: "Shard", request: Request, match: re.Match[str]) -> Response:
+async def history(shard: ApiHost, request: Request, match: re.Match[str]) -> Response:
     query = request.query()
     if "channel" not in query:
         raise _BadRequest("channel is required")
@@ -216,7 +235,7 @@ async def presence(shard: "Shard", request: Request, match: re.Match[str]) -> Re
 
 
 @route("GET", "/api/stats")
-async def stats(shard: "Shard", request: Request, match: re.Match[str]) -> Response:
+async def stats(shard: ApiHost, request: Request, match: re.Match[str]) -> Response:
     return json_response(200, node_stats(shard.node_id, await shard.cluster_stats()))
 
 
@@ -228,12 +247,12 @@ def node_stats(node: str, shards: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 @route("GET", "/healthz", needs_key=False)
-async def healthz(shard: "Shard", request: Request, match: re.Match[str]) -> Response:
+async def healthz(shard: ApiHost, request: Request, match: re.Match[str]) -> Response:
     return json_response(200, {"status": "ok"})
 
 
 @route("GET", "/readyz", needs_key=False)
-async def readyz(shard: "Shard", request: Request, match: re.Match[str]) -> Response:
+async def readyz(shard: ApiHost, request: Request, match: re.Match[str]) -> Response:
     reason = shard.not_ready_reason()
     if reason is not None:
         return json_response(503, {"ready": False, "reason": reason})
@@ -241,14 +260,15 @@ async def readyz(shard: "Shard", request: Request, match: re.Match[str]) -> Resp
 
 
 @route("GET", "/metrics", needs_key=False)
-async def metrics(shard: "Shard", request: Request, match: re.Match[str]) -> Response:
+async def metrics(shard: ApiHost, request: Request, match: re.Match[str]) -> Response:
     from .metrics import render
 
     body, content_type = render(await shard.cluster_stats())
     return Response(200, body, content_type=content_type)
 
 
+@route("GET", "/api/stream", needs_key=False)
 @route("GET", "/ws", needs_key=False)
-async def websocket_without_upgrade(shard: "Shard", request: Request, match: re.Match[str]) -> Response:
+async def websocket_without_upgrade(shard: ApiHost, request: Request, match: re.Match[str]) -> Response:
     """A plain GET of the WebSocket endpoint: say how to talk to it."""
     return upgrade_required()

@@ -1,57 +1,114 @@
 """One TCP connection: an asyncio.Protocol that owns only the transport.
 
 HTTP phase: httptools parses request heads and bodies (keep-alive and
-pipelining work); a request for ``/ws`` with an Upgrade becomes the WebSocket
-phase, anything else goes to ``broker.api``. WebSocket phase: websockets'
-Sans-I/O ``Protocol`` parses client frames (masking, control frames, 1002,
-1009); this class only reassembles text messages, checks UTF-8 (1007) and
-refuses binary (1003). Everything the connection sends as data goes through
-the shard's outbound table, so replies and publications share one ordered,
-bounded buffer and one frame per flush.
+pipelining work); an Upgrade goes to the WebSocket endpoint its host names
+for the path (the native protocol at ``/ws``), anything else to the host's
+HTTP handler. WebSocket phase: websockets' Sans-I/O ``Protocol`` parses
+client frames (masking, control frames, 1002, 1009); this class only
+reassembles text messages, checks UTF-8 (1007) and refuses binary (1003),
+and hands each text message to the endpoint's handler (a session). What a
+session sends as data goes through the shard's outbound table, so replies
+and publications share one ordered, bounded buffer and one frame per flush.
+
+Nothing here knows a protocol or the shard: the host and the handlers are
+the small interfaces below.
 """
 from __future__ import annotations
 
 import asyncio
 import collections
 import logging
-from typing import TYPE_CHECKING, Any, Callable, Coroutine
+import os
+from typing import Any, Callable, Coroutine, Protocol as Interface
 
 import httptools
 from websockets.frames import Opcode
 from websockets.protocol import OPEN, Protocol, Side
 
-from . import api, eager
-from .handshake import Accepted, negotiate
+from . import eager
+from .config import Config
+from .handshake import Accepted
 from .httpmsg import Request, Response, error_response
 
-if TYPE_CHECKING:
-    from .shard import Shard
-
-__all__ = ["Connection"]
+__all__ = ["Connection", "ConnectionHost", "WebSocketEndpoint", "WebSocketHandler"]
 
 log = logging.getLogger("broker.connection")
 
 CLOSE_GRACE = 5.0  # seconds to wait for the client's close frame before dropping
 
 
+class WebSocketHandler(Interface):
+    """What an upgraded connection drives: a session of some protocol."""
+
+    def handle_text(self, text: str) -> Coroutine[Any, Any, None]:
+        """One complete text message (handled in order, one at a time)."""
+        ...
+
+    def wire_paused(self, paused: bool) -> None:
+        """The transport holds unsent bytes (True) or drained them (False)."""
+
+    def wire_flush(self) -> None:
+        """Write what is pending now: a close frame follows."""
+
+    def wire_closing(self) -> None:
+        """A close frame went out or came in: nothing more may be sent."""
+
+    def wire_lost(self) -> None:
+        """The TCP connection is gone."""
+
+
+class WebSocketEndpoint(Interface):
+    """One upgrade path: its handshake rules, then a handler per connection."""
+
+    @property
+    def max_message_size(self) -> int:
+        """Largest client message (after reassembly and decompression): 1009 beyond."""
+        ...
+
+    def negotiate(self, request: Request) -> Accepted | Response:
+        """Accept the upgrade (with its response bytes) or refuse it."""
+        ...
+
+    def open(self, conn: "Connection", accepted: Accepted) -> WebSocketHandler:
+        """The upgrade response is out: start serving ``conn``."""
+        ...
+
+
+class ConnectionHost(Interface):
+    """What a connection needs from the process serving it (the shard)."""
+
+    config: Config
+    loop: asyncio.AbstractEventLoop
+
+    def handle_http(self, request: Request) -> Coroutine[Any, Any, Response]:
+        """Answer one plain HTTP request."""
+        ...
+
+    def websocket_endpoint(self, path: str) -> WebSocketEndpoint | None:
+        """The endpoint serving upgrades at ``path``, or None (404)."""
+        ...
+
+    def admission_refusal(self) -> Response | None:
+        """Why no new WebSocket is accepted now (draining, full), or None."""
+        ...
+
+
 class Connection(asyncio.Protocol):
     __slots__ = (
-        "shard", "transport", "parser", "cid", "ws", "identity", "deflate", "window_bits",
-        "paused", "closing", "timer", "fd", "_url", "_headers", "_head_bytes", "_body", "_body_size",
+        "host", "transport", "parser", "ws", "handler", "deflate", "window_bits",
+        "paused", "closing", "timer", "_url", "_headers", "_head_bytes", "_body", "_body_size",
         "_refused", "_work", "_busy", "_suspended", "_last_request", "_fragments", "__weakref__",
     )
 
-    def __init__(self, shard: "Shard") -> None:
-        self.shard = shard
+    def __init__(self, host: ConnectionHost) -> None:
+        self.host = host
         self.transport: asyncio.Transport | None = None
         self.parser: httptools.HttpRequestParser | None = httptools.HttpRequestParser(self)
-        self.cid = -1                      # WebSocket connection id once upgraded
         self.ws: Protocol | None = None
-        self.identity = None
+        self.handler: WebSocketHandler | None = None  # the session, once upgraded
         self.deflate = False
         self.window_bits = 15
         self.paused = False
-        self.fd = -1                       # dup of the socket for direct flushes
         self.closing = False
         self.timer: asyncio.TimerHandle | None = None
         self._url = b""
@@ -70,25 +127,34 @@ class Connection(asyncio.Protocol):
     # ----------------------------------------------------------- transport
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
-        self._last_request = self.shard.loop.time()
+        self._last_request = self.host.loop.time()
         self._arm_timer()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_timer()
         self.closing = True
-        self.shard.connection_closed(self)
+        if self.handler is not None:
+            self.handler.wire_lost()
         self.transport = None
 
     def pause_writing(self) -> None:
         self.paused = True
-        if self.cid >= 0:
-            self.shard.outbound.set_paused(self.cid, True)
+        if self.handler is not None:
+            self.handler.wire_paused(True)
 
     def resume_writing(self) -> None:
         self.paused = False
-        if self.cid >= 0:
-            self.shard.outbound.set_paused(self.cid, False)
-            self.shard.flush_connection(self)
+        if self.handler is not None:
+            self.handler.wire_paused(False)
+
+    def dup_fd(self) -> int:
+        """A dup of the socket for the shard's direct flush (-1 without one).
+
+        The dup stays valid until the shard closes it after the connection
+        is gone, so a socket number reused by a new connection in between is
+        never written to by mistake."""
+        sock = self.transport.get_extra_info("socket") if self.transport is not None else None
+        return os.dup(sock.fileno()) if sock is not None else -1
 
     def data_received(self, data: bytes) -> None:
         if self.ws is not None:
@@ -114,7 +180,7 @@ class Connection(asyncio.Protocol):
 
     def _arm_timer(self) -> None:
         self._cancel_timer()
-        self.timer = self.shard.loop.call_later(self.shard.config.limits.handshake_timeout,
+        self.timer = self.host.loop.call_later(self.host.config.limits.handshake_timeout,
                                                 self._timed_out)
 
     def _cancel_timer(self) -> None:
@@ -128,10 +194,10 @@ class Connection(asyncio.Protocol):
         self.timer = None
         if self.ws is not None or self.transport is None:
             return
-        timeout = self.shard.config.limits.handshake_timeout
-        idle = self.shard.loop.time() - self._last_request
+        timeout = self.host.config.limits.handshake_timeout
+        idle = self.host.loop.time() - self._last_request
         if idle < timeout or self._busy:
-            self.timer = self.shard.loop.call_later(max(timeout - idle, 0.05), self._timed_out)
+            self.timer = self.host.loop.call_later(max(timeout - idle, 0.05), self._timed_out)
             return
         self.transport.close()
 
@@ -146,11 +212,11 @@ class Connection(asyncio.Protocol):
     def on_url(self, url: bytes) -> None:
         self._url += url
         self._head_bytes += len(url)
-        if self._head_bytes > self.shard.config.limits.max_header_bytes:
+        if self._head_bytes > self.host.config.limits.max_header_bytes:
             self._refuse_in_callback(431, "request header fields too large")
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        limits = self.shard.config.limits
+        limits = self.host.config.limits
         self._head_bytes += len(name) + len(value) + 4
         if len(self._headers) >= limits.max_header_count or self._head_bytes > limits.max_header_bytes:
             self._refuse_in_callback(431, "request header fields too large")
@@ -165,13 +231,13 @@ class Connection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         length = self._headers.get("content-length")
-        limit = self.shard.config.limits.max_body_size
+        limit = self.host.config.limits.max_body_size
         if length is not None and length.isdigit() and int(length) > limit:
             self._refuse_in_callback(413, f"body larger than {limit} bytes")
 
     def on_body(self, body: bytes) -> None:
         self._body_size += len(body)
-        limit = self.shard.config.limits.max_body_size
+        limit = self.host.config.limits.max_body_size
         if self._body_size > limit:
             self._refuse_in_callback(413, f"body larger than {limit} bytes")
         self._body.append(body)
@@ -181,8 +247,8 @@ class Connection(asyncio.Protocol):
         if self.parser.should_upgrade():
             return  # handled by HttpParserUpgrade in data_received
         request = self._request(keep_alive=self.parser.should_keep_alive())
-        self._last_request = self.shard.loop.time()
-        self._enqueue(lambda: api.handle(self.shard, request),
+        self._last_request = self.host.loop.time()
+        self._enqueue(lambda: self.host.handle_http(request),
                       lambda response, error: self._answer(request, response, error))
 
     def _request(self, keep_alive: bool) -> Request:
@@ -206,7 +272,7 @@ class Connection(asyncio.Protocol):
             make, done = self._work.popleft()
             self._busy = True
             self._suspended = False
-            if not eager.start(self.shard.loop, make(),
+            if not eager.start(self.host.loop, make(),
                                lambda result, error, done=done: self._work_done(done, result, error)):
                 self._suspended = True
                 return
@@ -241,27 +307,26 @@ class Connection(asyncio.Protocol):
     # ----------------------------------------------------------- upgrade
     def _upgrade(self, rest: bytes) -> None:
         request = self._request(keep_alive=False)
-        if request.path != "/ws":
+        endpoint = self.host.websocket_endpoint(request.path)
+        if endpoint is None:
             self._refuse(error_response(404, f"no WebSocket endpoint at {request.path}"))
             return
-        refusal = self.shard.admission_refusal()
+        refusal = self.host.admission_refusal()
         if refusal is not None:
             self._refuse(refusal)
             return
-        outcome = negotiate(request, self.shard.config)
+        outcome = endpoint.negotiate(request)
         if isinstance(outcome, Response):
             self._refuse(outcome)
             return
-        self._accept(outcome, rest)
+        self._accept(endpoint, outcome, rest)
 
-    def _accept(self, accepted: Accepted, rest: bytes) -> None:
+    def _accept(self, endpoint: WebSocketEndpoint, accepted: Accepted, rest: bytes) -> None:
         assert self.transport is not None
         self._cancel_timer()
         self.parser = None
         self._headers = {}
-        self.identity = accepted.identity
-        ws = Protocol(Side.SERVER, state=OPEN, max_size=self.shard.config.limits.max_message_size,
-                      logger=log)
+        ws = Protocol(Side.SERVER, state=OPEN, max_size=endpoint.max_message_size, logger=log)
         if accepted.deflate is not None:
             ws.extensions = [accepted.deflate]
             self.deflate = True
@@ -272,7 +337,7 @@ class Connection(asyncio.Protocol):
         # transport buffer (otherwise frames would overtake queued bytes).
         self.transport.set_write_buffer_limits(high=0)
         self.transport.write(accepted.response)
-        self.shard.websocket_opened(self)
+        self.handler = endpoint.open(self, accepted)
         if rest:
             self._ws_data(rest)
 
@@ -311,12 +376,14 @@ class Connection(asyncio.Protocol):
             if chunk:
                 self.transport.write(chunk)
             else:  # websockets asks to half-close: the closing handshake is over
+                self._stop_sending()
                 self.transport.close()
                 return
         if ws.close_expected() and not self.closing:
-            # The peer sent close (or broke the protocol); let it close first.
-            self.closing = True
-            self.timer = self.shard.loop.call_later(CLOSE_GRACE, self._abort)
+            # The peer sent close (or broke the protocol) and websockets
+            # answered it: let the peer close the TCP connection first.
+            self._stop_sending()
+            self.timer = self.host.loop.call_later(CLOSE_GRACE, self._abort)
 
     def _text_message(self, payload: bytes) -> None:
         try:
@@ -324,26 +391,44 @@ class Connection(asyncio.Protocol):
         except UnicodeDecodeError:
             self.close(1007, "invalid UTF-8 in a text message")
             return
-        self._enqueue(lambda: self.shard.handle_message(self, text), self._message_done)
+        handler = self.handler
+        assert handler is not None
+        self._enqueue(lambda: handler.handle_text(text), self._message_done)
 
     def _message_done(self, result: None, error: BaseException | None) -> None:
         if error is not None:  # a bug, not the client's fault: end this connection only
             log.error("command handling failed", exc_info=error)
             self.close(1011, "internal error")
 
+    def _stop_sending(self) -> None:
+        """A close frame is out (ours or websockets' answer to the peer's):
+        no data frame may follow, so the session stops now, before any
+        scheduled flush could write to the socket behind the close."""
+        if not self.closing:
+            self.closing = True
+            if self.handler is not None:
+                self.handler.wire_closing()
+
     def close(self, code: int, reason: str = "") -> None:
         """Flush what is pending, then start the closing handshake."""
         if self.closing or self.ws is None or self.transport is None:
             return
-        self.shard.flush_connection(self, force=True)
-        self.closing = True
+        if self.ws.state is not OPEN:
+            # The peer's close frame was already read (in the same chunk as
+            # the message that led here): websockets answers it; ours would
+            # be a second close frame.
+            self._stop_sending()
+            return
+        handler = self.handler
+        if handler is not None:
+            handler.wire_flush()
         self.ws.send_close(code, reason)
         for chunk in self.ws.data_to_send():
             if chunk:
                 self.transport.write(chunk)
-        self.shard.connection_closing(self)
+        self._stop_sending()
         self._cancel_timer()
-        self.timer = self.shard.loop.call_later(CLOSE_GRACE, self._abort)
+        self.timer = self.host.loop.call_later(CLOSE_GRACE, self._abort)
 
     def _abort(self) -> None:
         self.timer = None

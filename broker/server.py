@@ -16,20 +16,14 @@ from typing import Any, Callable
 
 from . import _fastpath
 from .config import Config
+from .fdlimit import log_capacity, raise_nofile_limit
+from .runtime import configure_logging, new_loop
 from .shard import Shard
 from .sockets import bind_shared
 
-__all__ = ["serve", "Broker", "serve_shard", "new_loop", "configure_logging"]
+__all__ = ["serve", "Broker", "serve_shard"]
 
 log = logging.getLogger("broker.server")
-
-
-def new_loop() -> asyncio.AbstractEventLoop:
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover - uvloop is a dependency on POSIX
-        return asyncio.new_event_loop()
-    return uvloop.new_event_loop()
 
 
 def _listen_socket(host: str, port: int) -> socket.socket:
@@ -65,14 +59,10 @@ async def serve_shard(shard: Shard, stop: asyncio.Event,
         log.info("shard %d stopped", shard.id)
 
 
-def configure_logging(level: str) -> None:
-    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-
-
 def serve(config: Config) -> int:
     """``broker serve``: a supervisor and its shards, until SIGTERM/SIGINT."""
     configure_logging(config.log_level)
+    log_capacity(log, "supervisor", raise_nofile_limit())
     if config.api_key is None:
         log.warning("no api_key configured: the server API accepts unauthenticated requests")
     from .supervisor import Supervisor

@@ -1,10 +1,18 @@
-"""One shard: the connections of one process, their subscriptions and
+"""One shard: the sessions of one process, their subscriptions and
 outbound buffers, and the fan-out of publications to them.
 
+The shard deals with sessions through ``broker.adapters.session``: an
+adapter (the native protocol today) parses its clients' messages and calls
+``subscribe`` / ``unsubscribe`` / ``client_publish`` here; the shard tells a
+session only what happened to it (a stream lost, a reconnect request, a
+close). Connections reach the shard through ``ConnectionHost``: plain HTTP
+goes to ``broker.api``, upgrades to the endpoint of their path.
+
 The hot path (``deliver`` → ``_flush``) touches no Python object per
-subscriber: the subscription table hands a uint32 view of connection ids to
-``OutboundTable.append_many`` (a C loop), and the flush turns each dirty
-connection's pending lines into one frame built once per distinct batch.
+subscriber: for each adapter with subscribers of the channel, the
+publication line is encoded once, the adapter's subscription table hands a
+uint32 view of session ids to ``OutboundTable.append_many`` (a C loop), and
+the C flush writes each dirty session's pending lines as its framing needs.
 """
 from __future__ import annotations
 
@@ -13,20 +21,22 @@ import json
 import logging
 import os
 import socket
-import time
 from typing import Any
 
 import psutil
 
+from . import api
 from ._fastpath import Deflater, OutboundTable, SharedFrames, SubscriptionTable
+from .adapters.native.session import NativeEndpoint
+from .adapters.session import Adapter, Session, Subscribed
+from .adapters.stream.session import StreamEndpoint
 from .channels import check_client_publish, check_subscribe
 from .config import Config
-from .connection import Connection
-from .engine import Engine, MemoryEngine
+from .connection import Connection, WebSocketEndpoint
+from .engine import Engine, MemoryEngine, Position
 from .errors import EngineUnavailable, ProtocolViolation
-from .httpmsg import Response, error_response
+from .httpmsg import Request, Response, error_response
 from .metrics import PowerHistogram
-from .protocol import BadCommandBudget, Command, error_line, parse_message, pub_line, reply_line
 
 __all__ = ["Shard"]
 
@@ -36,6 +46,9 @@ SWEEP_INTERVAL = 30.0  # seconds between idle-channel sweeps
 
 
 class Shard:
+    """One worker's sessions and fan-out; implements ``SessionHost`` (for the
+    adapters), ``ConnectionHost`` (for connections) and the API's host."""
+
     def __init__(self, config: Config, shard_id: int = 0, engine: Engine | None = None,
                  loop: asyncio.AbstractEventLoop | None = None) -> None:
         self.config = config
@@ -46,12 +59,18 @@ class Shard:
         self.engine.lost = self.lose_channel
         self.router: Any = None                 # set by attach_router() in a multi-shard node
         self.cluster_status: dict[str, Any] | None = None
-        self.subs = SubscriptionTable()
+        # One subscription table per adapter: a publication is encoded once
+        # per adapter that has subscribers of its channel.
+        self._tables: dict[Adapter, SubscriptionTable] = {}
         self.outbound = OutboundTable(config.limits.outbound_buffer_bytes)
         self._frames: dict[int, Any] = {}  # window bits -> SharedFrames
-        self.conns: list[Connection | None] = []
+        self.sessions: list[Session | None] = []
+        self._fds: dict[int, int] = {}     # cid -> dup'd socket the C flush writes to
         self._free_ids: list[int] = []
-        self._budgets: dict[int, BadCommandBudget] = {}
+        self.endpoints: dict[str, WebSocketEndpoint] = {
+            "/ws": NativeEndpoint(self),
+            "/api/stream": StreamEndpoint(self),
+        }
         self.draining = False
         self._flush_handle: asyncio.Handle | asyncio.TimerHandle | None = None
         self._process = psutil.Process(os.getpid())
@@ -70,6 +89,12 @@ class Shard:
     def protocol_factory(self) -> Connection:
         return Connection(self)
 
+    def handle_http(self, request: Request):
+        return api.handle(self, request)
+
+    def websocket_endpoint(self, path: str) -> WebSocketEndpoint | None:
+        return self.endpoints.get(path)
+
     def admission_refusal(self) -> Response | None:
         if self.draining:
             return error_response(503, "draining: reconnect to another node",
@@ -79,87 +104,99 @@ class Shard:
                                   headers=(("Retry-After", "1"),))
         return None
 
-    def websocket_opened(self, conn: Connection) -> None:
-        cid = self._free_ids.pop() if self._free_ids else len(self.conns)
-        if cid == len(self.conns):
-            self.conns.append(conn)
+    # --------------------------------------------------------- sessions
+    def open_session(self, session: Session, fd: int = -1) -> None:
+        cid = self._free_ids.pop() if self._free_ids else len(self.sessions)
+        if cid == len(self.sessions):
+            self.sessions.append(session)
         else:
-            self.conns[cid] = conn
-        conn.cid = cid
+            self.sessions[cid] = session
+        session.cid = cid
         self.outbound.open(cid)
         self.connections_total += 1
-        if not conn.deflate and conn.transport is not None:
-            # flush() writes this connection's frames itself, on a dup of
-            # the socket: the dup stays valid until connection_closed closes
-            # it, so a socket number reused by a new connection in between is
-            # never written to by mistake.
-            sock = conn.transport.get_extra_info("socket")
-            if sock is not None:
-                conn.fd = os.dup(sock.fileno())
-                self.outbound.set_fd(cid, conn.fd)
-        self.outbound.set_paused(cid, conn.paused)
+        if fd >= 0:
+            self._fds[cid] = fd
+            self.outbound.set_fd(cid, fd)
 
-    def connection_closing(self, conn: Connection) -> None:
-        """The close frame is out: nothing more is delivered to or queued for it."""
-        if conn.cid >= 0:
-            self._forget(self.subs.remove_connection(conn.cid))
-            self.outbound.close(conn.cid)
+    def set_paused(self, session: Session, paused: bool) -> None:
+        if session.cid >= 0:
+            self.outbound.set_paused(session.cid, paused)
+
+    def close_session(self, session: Session) -> None:
+        """The close is under way: nothing more is delivered to or queued for it."""
+        session.closing = True
+        if session.cid >= 0 and self.outbound.is_open(session.cid):
+            table = self._table(session.adapter)
+            self._forget(table.remove_connection(session.cid))
+            self.outbound.close(session.cid)
+
+    def session_closed(self, session: Session) -> None:
+        cid = session.cid
+        if cid < 0:
+            return
+        self.close_session(session)
+        session.cid = -1
+        fd = self._fds.pop(cid, -1)
+        if fd >= 0:
+            os.close(fd)
+        self.sessions[cid] = None
+        self._free_ids.append(cid)
+
+    def _table(self, adapter: Adapter) -> SubscriptionTable:
+        table = self._tables.get(adapter)
+        if table is None:
+            table = self._tables[adapter] = SubscriptionTable()
+        return table
+
+    def local_subscribers(self, channel: str) -> int:
+        return sum(table.count(channel) for table in self._tables.values())
 
     def _forget(self, channels: list[str]) -> None:
         """Tell the engine about channels that just lost their last local subscriber."""
         for channel in channels:
-            if self.subs.count(channel) == 0:
+            if self.local_subscribers(channel) == 0:
                 self.engine.release(channel)
-
-    def connection_closed(self, conn: Connection) -> None:
-        cid = conn.cid
-        if cid < 0:
-            return
-        self.connection_closing(conn)
-        conn.cid = -1
-        if conn.fd >= 0:
-            os.close(conn.fd)
-            conn.fd = -1
-        self._budgets.pop(cid, None)
-        self.conns[cid] = None
-        self._free_ids.append(cid)
 
     @property
     def websocket_count(self) -> int:
         return len(self.outbound)
 
     # ---------------------------------------------------------- sending
-    def send(self, conn: Connection, line: bytes) -> None:
-        """Queue one line for a connection; a full buffer is a slow consumer."""
-        if conn.cid < 0 or conn.closing:
+    def queue(self, session: Session, line: bytes) -> None:
+        """Queue one line for a session; a full buffer is a slow consumer."""
+        if session.cid < 0 or session.closing:
             return
-        if not self.outbound.append(conn.cid, line):
-            self._slow_consumer(conn)
+        if not self.outbound.append(session.cid, line):
+            self._slow_consumer(session)
             return
         self._schedule_flush()
+
+    def take_pending(self, session: Session) -> bytes:
+        return self.outbound.take(session.cid) if session.cid >= 0 else b""
 
     def deliver(self, channel: str, offset: int, data_json: bytes) -> None:
         """Fan one publication out to this shard's subscribers of ``channel``."""
-        ids = self.subs.subscribers(channel)
-        count = len(ids)
-        if count == 0:
-            return
-        overflowed = self.outbound.append_many(ids, pub_line(channel, offset, data_json))
-        del ids  # the view is valid only until the table changes
-        self.delivered += count - len(overflowed)
-        if self._oldest_pending is None:
-            self._oldest_pending = self.loop.time()
-        for cid in overflowed:
-            conn = self.conns[cid]
-            if conn is not None and not conn.closing:
-                self._slow_consumer(conn)
-        self._schedule_flush()
+        for adapter, table in self._tables.items():
+            ids = table.subscribers(channel)
+            count = len(ids)
+            if count == 0:
+                continue
+            overflowed = self.outbound.append_many(ids, adapter.pub_line(channel, offset, data_json))
+            del ids  # the view is valid only until the table changes
+            self.delivered += count - len(overflowed)
+            if self._oldest_pending is None:
+                self._oldest_pending = self.loop.time()
+            for cid in overflowed:
+                session = self.sessions[cid]
+                if session is not None and not session.closing:
+                    self._slow_consumer(session)
+            self._schedule_flush()
 
-    def _slow_consumer(self, conn: Connection) -> None:
+    def _slow_consumer(self, session: Session) -> None:
         self.slow_consumers += 1
-        if conn.cid >= 0:
-            self.outbound.take(conn.cid)  # drop what it could not take
-        conn.close(1013, "slow consumer: outbound buffer full")
+        if session.cid >= 0:
+            self.outbound.take(session.cid)  # drop what it could not take
+        session.close(1013, "slow consumer: outbound buffer full")
 
     def _schedule_flush(self) -> None:
         if self._flush_handle is None:
@@ -173,130 +210,81 @@ class Shard:
             frames = self._frames[window_bits] = SharedFrames(Deflater(6, window_bits))
         return frames
 
+    def batch_frame(self, payload: bytes, deflate: bool, window_bits: int) -> bytes:
+        frame = self._frames_for(window_bits).batch_frame(payload, deflate)
+        self.outbound.count_frame(len(frame), payload.count(b"\n"))
+        return frame
+
     def _flush(self) -> None:
         self._flush_handle = None
         if self._oldest_pending is not None:
             self.flush_latency.observe(self.loop.time() - self._oldest_pending)
             self._oldest_pending = None
-        conns = self.conns
-        # One C pass writes the frames of every connection it can; what it
+        sessions = self.sessions
+        # One C pass writes the frames of every session it can; what it
         # cannot (compressed connections, paused transports, partial writes)
         # comes back here.
         deferred, tails = self.outbound.flush()
         for cid in deferred:
-            conn = conns[cid]
-            if conn is not None and not conn.paused:
-                self._write_pending(conn)
+            session = sessions[cid]
+            if session is not None:
+                session.write_pending()
         for cid, rest in tails:
-            conn = conns[cid]
-            if conn is None or conn.transport is None:
-                continue
-            if rest is None:  # the socket failed: the transport will report it
-                conn.transport.abort()
-            else:
-                conn.transport.write(rest)  # pauses it until the kernel took it all
+            session = sessions[cid]
+            if session is not None:
+                session.write_tail(rest)
         for frames in self._frames.values():
             frames.clear()
 
-    def _write_pending(self, conn: Connection) -> None:
-        payload = self.outbound.take(conn.cid)
-        if not payload or conn.transport is None:
-            return
-        frame = self._frames_for(conn.window_bits).batch_frame(payload, conn.deflate)
-        conn.transport.write(frame)
-        self.outbound.count_frame(len(frame), payload.count(b"\n"))
+    def flush_session(self, session: Session, force: bool = False) -> None:
+        """Write one session's pending lines now (resume, close, drain)."""
+        if session.cid >= 0 and self.outbound.pending(session.cid):
+            session.write_pending(force)
 
-    def flush_connection(self, conn: Connection, force: bool = False) -> None:
-        """Write one connection's pending lines now (resume, close, drain)."""
-        if conn.cid >= 0 and (force or not conn.paused) and self.outbound.pending(conn.cid):
-            self._write_pending(conn)
-
-    # --------------------------------------------------------- commands
-    async def handle_message(self, conn: Connection, text: str) -> None:
-        for item in parse_message(text):
-            if conn.closing:
-                return
-            if isinstance(item, ProtocolViolation):
-                self._bad_command(conn, getattr(item, "command_id", None), item)
-                continue
-            try:
-                await self._command(conn, item)
-            except ProtocolViolation as exc:
-                if exc.code == 400:
-                    self._bad_command(conn, item.id, exc)
-                else:
-                    self.send(conn, error_line(item.id, exc.code, exc.message))
-            except EngineUnavailable as exc:
-                self.send(conn, error_line(item.id, 503, f"engine unavailable: {exc}"))
-
-    def _bad_command(self, conn: Connection, command_id: int | None, exc: ProtocolViolation) -> None:
-        self.bad_commands += 1
-        self.send(conn, error_line(command_id, exc.code, exc.message))
-        limits = self.config.limits
-        budget = self._budgets.get(conn.cid)
-        if budget is None:
-            budget = self._budgets[conn.cid] = BadCommandBudget(limits.bad_command_budget,
-                                                                 limits.bad_command_window)
-        if budget.spend(time.monotonic()):
-            conn.close(1008, "too many bad commands")
-
-    async def _command(self, conn: Connection, cmd: Command) -> None:
-        op = cmd.op
-        if op == "ping":
-            self.send(conn, reply_line(cmd.id, "pong"))
-        elif op == "subscribe":
-            await self._subscribe(conn, cmd)
-        elif op == "unsubscribe":
-            assert cmd.channel is not None
-            if self.subs.remove(conn.cid, cmd.channel):
-                self._forget([cmd.channel])
-            self.send(conn, reply_line(cmd.id, "unsubscribed", channel=cmd.channel))
-        elif op == "publish":
-            assert cmd.channel is not None and cmd.data_json is not None
-            check_client_publish(self.config, conn.identity, cmd.channel)
-            position = await self.publish(cmd.channel, cmd.data_json)
-            self.send(conn, reply_line(cmd.id, "published", channel=cmd.channel,
-                                       offset=position.offset))
-
-    async def _subscribe(self, conn: Connection, cmd: Command) -> None:
-        channel = cmd.channel
-        assert channel is not None
-        check_subscribe(self.config, conn.identity, channel)
-        if self.subs.is_subscribed(conn.cid, channel):
+    # -------------------------------------------------------- commands
+    async def subscribe(self, session: Session, channel: str,
+                        recover: tuple[str, int] | None = None) -> Subscribed:
+        check_subscribe(self.config, session.identity, channel)
+        table = self._table(session.adapter)
+        if table.is_subscribed(session.cid, channel):
             raise ProtocolViolation(409, f"already subscribed to {channel!r}")
         if not self.engine.ready():
             raise EngineUnavailable("cannot subscribe now")
         # The memory engine answers without suspending, so nothing can be
-        # published between reading the position and joining the table:
-        # the reply's offset and the first live publication are contiguous.
-        if cmd.recover is None:
-            position = await self.engine.position(channel)
-            missed: list[tuple[int, bytes]] = []
-            extra: dict[str, Any] = {}
+        # published between reading the position and joining the table: the
+        # reply's offset and the first live publication are contiguous. The
+        # adapter queues the reply and the missed publications as soon as
+        # this returns, before the loop runs anything else.
+        if recover is None:
+            outcome = Subscribed(await self.engine.position(channel))
         else:
-            recovery = await self.engine.recover(channel, *cmd.recover)
-            position, missed = recovery.position, recovery.publications
-            extra = {"recovered": recovery.recovered}
-        if conn.closing or conn.cid < 0:
-            return
-        if not self.subs.add(conn.cid, channel):
+            recovery = await self.engine.recover(channel, *recover)
+            outcome = Subscribed(recovery.position, recovery.recovered, recovery.publications)
+        if session.closing or session.cid < 0:
+            raise EngineUnavailable("the session closed while subscribing")
+        if not table.add(session.cid, channel):
             raise ProtocolViolation(409, f"already subscribed to {channel!r}")
-        self.send(conn, reply_line(cmd.id, "subscribed", channel=channel, epoch=position.epoch,
-                                   offset=position.offset, **extra))
-        for offset, data_json in missed:
-            self.send(conn, pub_line(channel, offset, data_json))
+        return outcome
+
+    def unsubscribe(self, session: Session, channel: str) -> None:
+        if session.cid >= 0 and self._table(session.adapter).remove(session.cid, channel):
+            self._forget([channel])
+
+    async def client_publish(self, session: Session, channel: str, data_json: bytes) -> Position:
+        check_client_publish(self.config, session.identity, channel)
+        return await self.publish(channel, data_json)
 
     def lose_channel(self, channel: str, reason: str) -> None:
         """The channel's stream cannot continue here: every local subscriber is
         told (PROTOCOL.md "Lost stream") and dropped; they resubscribe with recover."""
-        line = reply_line(None, "unsubscribed", channel=channel, reason=reason)
-        for cid in list(self.subs.subscribers(channel)):
-            conn = self.conns[cid]
-            self.subs.remove(cid, channel)
-            if conn is not None:
-                self.send(conn, line)
+        for table in self._tables.values():
+            for cid in list(table.subscribers(channel)):
+                session = self.sessions[cid]
+                table.remove(cid, channel)
+                if session is not None:
+                    session.stream_lost(channel, reason)
 
-    async def publish(self, channel: str, data_json: bytes):
+    async def publish(self, channel: str, data_json: bytes) -> Position:
         """Sequence, store and deliver one publication (from the API or a client)."""
         position = await self.engine.publish(channel, data_json)
         self.published += 1
@@ -307,17 +295,15 @@ class Shard:
         """Ask every client to reconnect elsewhere, flush, close with 1012."""
         self.draining = True
         after_ms = 500
-        line = reply_line(None, "reconnect", reason="server shutting down", after_ms=after_ms)
-        for conn in list(self.conns):
-            if conn is not None and not conn.closing:
-                self.send(conn, line)
-                conn.close(1012, "server restart")
+        for session in list(self.sessions):
+            if session is not None and not session.closing:
+                session.reconnect("server shutting down", after_ms)
         deadline = self.loop.time() + timeout
         while self.websocket_count and self.loop.time() < deadline:
             await asyncio.sleep(0.05)
-        for conn in list(self.conns):
-            if conn is not None and conn.transport is not None:
-                conn.transport.abort()
+        for session in list(self.sessions):
+            if session is not None:
+                session.abort()
 
     def close(self) -> None:
         if self._sweeper is not None:
@@ -328,7 +314,7 @@ class Shard:
             self._flush_handle = None
 
     def _sweep(self) -> None:
-        self.engine.sweep(lambda channel: self.subs.count(channel) > 0)
+        self.engine.sweep(lambda channel: self.local_subscribers(channel) > 0)
         self._sweeper = self.loop.call_later(SWEEP_INTERVAL, self._sweep)
 
     # ------------------------------------------------------------ cluster
@@ -399,8 +385,8 @@ class Shard:
             "up": True,
             "draining": self.draining,
             "connections": self.websocket_count,
-            "subscriptions": self.subs.subscriptions,
-            "channels": len(self.subs),
+            "subscriptions": sum(table.subscriptions for table in self._tables.values()),
+            "channels": len({channel for table in self._tables.values() for channel in table.channels()}),
             "published": self.published,
             "delivered": self.delivered,
             "slow_consumers": self.slow_consumers,

@@ -17,11 +17,13 @@ import sys
 from .config import Config
 from .engine.base import Engine
 from .engine.cluster import ClusterEngine
+from .fdlimit import log_capacity, raise_nofile_limit
 from .engine.journal import Journal
 from .engine.redis import RedisEngine, shard_presence
 from .engine.memory import MemoryEngine
 from .router import Endpoints, Router
-from .server import configure_logging, new_loop, serve_shard
+from .runtime import configure_logging, new_loop
+from .server import serve_shard
 from .shard import Shard
 
 __all__ = ["main", "load_spec", "ORPHAN_CHECK"]
@@ -42,11 +44,15 @@ def main(argv: list[str] | None = None) -> int:
     spec = load_spec(run_dir)
     config = Config.from_dict(spec["config"])
     configure_logging(config.log_level)
+    log_capacity(log, f"shard {shard_id_int}", raise_nofile_limit())
     loop = new_loop()
     asyncio.set_event_loop(loop)
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    # A hangup (the terminal closing, a SIGHUP to the process group) is the
+    # supervisor's to act on; by default it would kill the shard.
+    loop.add_signal_handler(signal.SIGHUP, lambda: log.info("shard %d: SIGHUP ignored", shard_id_int))
     # The supervisor's pid comes from the spec, not getppid(): a shard started
     # just as its supervisor died is already adopted by init at birth.
     parent = spec["supervisor"]

@@ -60,7 +60,7 @@ def test_offset_stream_counts_gaps_dups_and_expected():
 
 
 def _pub(channel: str, offset: int, ts: int, seq: int = 0) -> bytes:
-    # the broker's own line shape (broker.protocol.pub_line), without the trailing newline
+    # the broker's own line shape (broker.adapters.native.protocol.pub_line), without the trailing newline
     return b'{"op":"pub","channel":"%s","offset":%d,"data":{"ts":%d,"seq":%d,"pad":"x"}}' % (
         channel.encode(), offset, ts, seq)
 

@@ -8,8 +8,8 @@ from broker.auth import Identity
 from broker.channels import check_client_publish, check_subscribe, validate_channel
 from broker.config import Config, Namespace
 from broker.errors import ProtocolViolation
-from broker.protocol import (BadCommandBudget, Command, encode_json, error_line, parse_message,
-                             pub_line, reply_line)
+from broker.adapters.native.protocol import (BadCommandBudget, Command, error_line, parse_message, pub_line, reply_line)
+from broker.jsoncodec import encode_json
 
 
 def test_parse_batched_commands_keeps_order_and_marks_bad_lines():

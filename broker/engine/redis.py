@@ -38,15 +38,17 @@ log = logging.getLogger("broker.engine.redis")
 
 def shard_presence(shard: Any) -> Callable[[str], tuple[int, list[str]]]:
     """A shard's subscribers of a channel and their user ids, for presence
-    (read from its subscription table and its connections' identities)."""
+    (read from its subscription tables and its sessions' identities)."""
     def read(channel: str) -> tuple[int, list[str]]:
-        ids = list(shard.subs.subscribers(channel))  # a copy: the view must not be kept
-        users = set()
-        for cid in ids:
-            identity = getattr(shard.conns[cid], "identity", None)
-            if identity is not None and identity.user is not None:
-                users.add(identity.user)
-        return len(ids), sorted(users)
+        count, users = 0, set()
+        for table in shard._tables.values():  # one per adapter
+            ids = list(table.subscribers(channel))  # a copy: the view must not be kept
+            count += len(ids)
+            for cid in ids:
+                identity = getattr(shard.sessions[cid], "identity", None)
+                if identity is not None and identity.user is not None:
+                    users.add(identity.user)
+        return count, sorted(users)
     return read
 
 

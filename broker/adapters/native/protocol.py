@@ -9,40 +9,17 @@ so a frame holds lines separated by single newlines and no trailing one.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any
 
-from .channels import validate_channel
-from .errors import ProtocolViolation
+from ...channels import validate_channel
+from ...errors import ProtocolViolation
+from ...jsoncodec import decode_json, encode_json
 
-__all__ = ["Command", "parse_message", "encode_json", "reply_line", "error_line",
-           "pub_line", "BadCommandBudget", "OPS", "decode_json"]
+__all__ = ["Command", "parse_message", "reply_line", "error_line", "pub_line",
+           "BadCommandBudget", "OPS"]
 
 OPS = frozenset({"subscribe", "unsubscribe", "publish", "ping"})
-
-_encoder = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not valid JSON")
-
-
-# NaN/Infinity are not JSON: refuse them so every stored payload is valid JSON.
-_decoder = json.JSONDecoder(parse_constant=_reject_constant)
-
-
-def decode_json(text: str | bytes) -> Any:
-    """Strict JSON decoding; raises ValueError (also for absurd nesting)."""
-    try:
-        return _decoder.decode(text if isinstance(text, str) else text.decode())
-    except RecursionError:
-        raise ValueError("JSON nested too deeply") from None
-
-
-def encode_json(value: Any) -> bytes:
-    """Compact JSON as UTF-8 bytes: the one serialization of client data."""
-    return _encoder.encode(value).encode()
 
 
 @dataclass(slots=True)
@@ -69,7 +46,7 @@ def _parse_command(obj: Any) -> Command:
     command_id = _parse_id(obj)
     op = obj.get("op")
     try:
-        if op not in OPS:
+        if not isinstance(op, str) or op not in OPS:
             raise ProtocolViolation(400, f"unknown op {op!r}")
         command = Command(op, command_id)
         if op == "ping":

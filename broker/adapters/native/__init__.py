@@ -1,0 +1,1 @@
+"""The native WebSocket protocol (PROTOCOL.md §1): NDJSON commands at ``/ws``."""

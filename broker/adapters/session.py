@@ -1,0 +1,162 @@
+"""The seam between the shard and the protocols its clients speak.
+
+The shard knows sessions, not protocols. A protocol is an *adapter*: it
+parses its clients' messages, asks the shard (the ``SessionHost``) to
+subscribe, unsubscribe or publish, and encodes the shard's answers and
+events in its own format. The shard, in turn, tells a session only what
+happened to it (a stream lost, a reconnect request, a close) through the
+``Session`` methods below.
+
+Publications never go through a session object: an adapter encodes a
+publication ONCE per shard (``Adapter.pub_line``) and the shard appends
+those bytes to every subscriber's outbound buffer with one C loop. Each
+session's buffer has the adapter's framing kind, so the C flush writes every
+protocol's frames; what it cannot write (a paused transport, a long-poll)
+comes back to the session as ``write_pending``.
+
+Nothing here imports the shard: adapters depend on this module, the shard
+implements ``SessionHost`` and imports the adapters (no cycle).
+"""
+from __future__ import annotations
+
+import abc
+import asyncio
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, ClassVar, Protocol
+
+if TYPE_CHECKING:
+    from ..auth import Identity
+    from ..config import Config
+    from ..engine import Position
+
+__all__ = ["Adapter", "Session", "SessionHost", "Subscribed"]
+
+
+@dataclass(slots=True)
+class Subscribed:
+    """The outcome of a subscribe: where the stream stands when the session
+    joined it, whether a requested recovery succeeded (None: none was asked),
+    and the missed publications to send, in order, right after the reply and
+    before anything newer."""
+
+    position: "Position"
+    recovered: bool | None = None
+    missed: list[tuple[int, bytes]] = field(default_factory=list)
+
+
+class Adapter(abc.ABC):
+    """One protocol's encoding of what every session of it receives."""
+
+    name: ClassVar[str]
+
+    @abc.abstractmethod
+    def pub_line(self, channel: str, offset: int, data_json: bytes) -> bytes:
+        """One publication as this protocol's newline-terminated outbound line,
+        built once per shard and shared by all of the adapter's subscribers."""
+
+
+class Session(abc.ABC):
+    """One client, whatever its protocol, as the shard sees it.
+
+    ``cid`` is the session's id in the shard's subscription and outbound
+    tables (-1 before ``SessionHost.open_session`` and after it is closed);
+    ``closing`` is True once nothing more may be queued for it.
+    """
+
+    __slots__ = ("cid", "identity", "closing")
+
+    adapter: ClassVar[Adapter]
+
+    def __init__(self, identity: "Identity") -> None:
+        self.cid = -1
+        self.identity = identity
+        self.closing = False
+
+    # Events from the shard -------------------------------------------------
+    @abc.abstractmethod
+    def stream_lost(self, channel: str, reason: str) -> None:
+        """The shard dropped this session from ``channel``: its offsets cannot
+        continue (PROTOCOL.md "Lost stream"). Tell the client."""
+
+    @abc.abstractmethod
+    def reconnect(self, reason: str, after_ms: int) -> None:
+        """Ask the client to reconnect elsewhere after about ``after_ms``,
+        then close (drain, migration)."""
+
+    @abc.abstractmethod
+    def close(self, code: int, reason: str) -> None:
+        """End the session with a WebSocket-style close code (1008 policy,
+        1011 error, 1012 restart, 1013 slow consumer or overload)."""
+
+    @abc.abstractmethod
+    def abort(self) -> None:
+        """Drop the session's connection now, without a closing handshake."""
+
+    # Output the C flush could not write itself -----------------------------
+    @abc.abstractmethod
+    def write_pending(self, force: bool = False) -> None:
+        """Write what is pending in the session's outbound buffer now, in the
+        session's own way (a resumed transport, a waiting long-poll); with
+        ``force``, even behind a paused transport (a close frame follows)."""
+
+    @abc.abstractmethod
+    def write_tail(self, rest: bytes | None) -> None:
+        """The unsent tail of a frame the C flush began writing (it must go
+        out before anything else), or None when the socket failed."""
+
+
+class SessionHost(Protocol):
+    """What a shard offers the adapters (implemented by ``broker.shard.Shard``)."""
+
+    config: "Config"
+    loop: asyncio.AbstractEventLoop
+    bad_commands: int
+
+    def open_session(self, session: Session, fd: int = -1) -> None:
+        """Give ``session`` a cid and an outbound buffer; with ``fd`` (a dup of
+        its socket, which the host closes in ``session_closed``), the C flush
+        writes its frames directly."""
+
+    def set_paused(self, session: Session, paused: bool) -> None:
+        """The session's transport holds unsent bytes (True) or is empty again."""
+
+    def close_session(self, session: Session) -> None:
+        """Nothing more is delivered to or queued for ``session`` (its close
+        is under way); its subscriptions end now."""
+
+    def session_closed(self, session: Session) -> None:
+        """The session is gone: its cid may be reused."""
+
+    def queue(self, session: Session, line: bytes) -> None:
+        """Queue one outbound line; a full buffer is a slow consumer (1013)."""
+
+    def take_pending(self, session: Session) -> bytes:
+        """Everything queued for ``session`` (newline-terminated lines); empties it."""
+
+    def batch_frame(self, payload: bytes, deflate: bool, window_bits: int) -> bytes:
+        """Pending lines as one native text frame, compressed once per flush
+        for every connection that shares the same batch."""
+        ...
+
+    def flush_session(self, session: Session, force: bool = False) -> None:
+        """Write the session's pending lines now (resume, close, drain)."""
+
+    async def subscribe(self, session: Session, channel: str,
+                        recover: tuple[str, int] | None = None) -> Subscribed:
+        """Check the channel's policy, join its stream (recovering if asked)
+        and add the session to its subscribers. Raises ProtocolViolation
+        (400/401/403/404/409/429) or EngineUnavailable (503)."""
+        ...
+
+    def unsubscribe(self, session: Session, channel: str) -> None:
+        """Leave ``channel`` (no error when not subscribed)."""
+
+    async def publish(self, channel: str, data_json: bytes) -> "Position":
+        """Sequence, store and deliver one publication (backends: no policy
+        check). EngineUnavailable when it cannot be stored: never a false ack."""
+        ...
+
+    async def client_publish(self, session: Session, channel: str, data_json: bytes) -> "Position":
+        """Publish for a client where its namespace allows it (ProtocolViolation
+        otherwise; EngineUnavailable when it cannot be stored)."""
+        ...
