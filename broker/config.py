@@ -116,7 +116,7 @@ class RedisSettings:
 
     timeout: float = 2.0                     # seconds a Redis call may take before it is a 503
     prefix: str = "broker"                   # key and pub/sub channel prefix (several brokers, one Redis)
-    meta_ttl: float = 0.0                    # seconds a channel's epoch/offset outlive its last use; 0 = forever
+    meta_ttl: float = 2592000.0              # seconds a channel's epoch/offset outlive its last use (30 days); 0 = forever
     compress_threshold: int = 4096           # payloads of at least this many bytes go through Redis zlib-compressed; 0 = never
     health_interval: float = 0.5             # seconds between PINGs that decide readiness
     reconnect_backoff_max: float = 2.0       # longest wait between reconnect attempts (jittered)
