@@ -165,6 +165,10 @@ def test_two_hosts_deliver_every_publication_with_the_same_offsets(broker_factor
             assert [(p["offset"], p["data"]) for p in follower.pubs(channel)] == acked
     status, stats = b.api("GET", "/api/stats")
     assert status == 200 and all(s["engine"]["redis_up"] == 1 for s in stats["shards"])
+    published = sum(len(offsets) for offsets in traffic.acked.values())
+    assert sum(s["engine"]["redis_calls"] for s in stats["shards"]) >= published // 2
+    status, metrics = http_json("GET", b.url + "/metrics")
+    assert 'broker_redis_up{shard="0"} 1.0' in metrics and 'broker_redis_up{shard="1"} 1.0' in metrics
     for follower in followers:
         follower.close()
 
