@@ -204,6 +204,8 @@ class RedisEngine(Engine):
         except (ValueError, UnicodeDecodeError, zlib.error) as exc:  # not ours: never let it stop the link
             self.malformed += 1
             log.warning("malformed publication on %r: %s", topic, exc)
+        except Exception:  # delivering failed: one message must not cost the whole link
+            log.exception("delivering a publication of %r failed", topic)
 
     def _on_restored(self, topics: set[bytes]) -> None:
         """A link is back: repair the channels it carries from history (if

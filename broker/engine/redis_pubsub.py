@@ -141,6 +141,8 @@ class PubSubLink:
             except asyncio.CancelledError:
                 await self._disconnect(conn)
                 raise
+            except Exception:  # a bug must not end the link for good: reconnect and repair
+                log.exception("Redis pub/sub %s failed; reconnecting", self.name)
             self.up = False
             self._up_event.clear()
             self._conn = None
