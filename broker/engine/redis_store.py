@@ -253,6 +253,7 @@ class RedisStore:
         self.on_recovered: Callable[[], None] = lambda: None
         self._queue: list[tuple[_Script, list[Any], asyncio.Future[Any]]] = []
         self._flush_scheduled = False
+        self._epoch = secrets.token_hex(6)  # epoch candidate of the batch being gathered
         self._tasks: set[asyncio.Task[Any]] = set()
         self._watcher: asyncio.Task[None] | None = None
         self._nodes: dict[str, Redis] = {}  # cluster: a plain client per primary, for pipelines
@@ -270,7 +271,7 @@ class RedisStore:
         size, ttl = (ns.history_size, ns.history_ttl) if ns else (1, 0.0)
         offset, epoch = await self._call(_PUBLISH, [
             self.keys.meta(channel), self.keys.history(channel), self.keys.topic(channel),
-            self.codec.encode(data), size, int(ttl * 1000), secrets.token_hex(6),
+            self.codec.encode(data), size, int(ttl * 1000), self._epoch,
             int(self.settings.meta_ttl)])
         return Position(epoch.decode(), int(offset))
 
@@ -278,7 +279,7 @@ class RedisStore:
         """The channel's position and its retained publications after ``since``."""
         epoch, offset, now, entries = await self._call(
             _READ, [self.keys.meta(channel), self.keys.history(channel), max(0, since),
-                    max(0, limit), secrets.token_hex(6), int(self.settings.meta_ttl)])
+                    max(0, limit), self._epoch, int(self.settings.meta_ttl)])
         position = Position(epoch.decode(), int(offset))
         if not entries:
             return position, []
@@ -316,6 +317,9 @@ class RedisStore:
 
     def _flush(self) -> None:
         self._flush_scheduled = False
+        # A fresh epoch candidate per batch: used only by channels the batch
+        # creates, so no channel ever gets an epoch it had before.
+        self._epoch = secrets.token_hex(6)
         batch, self._queue = self._queue, []
         if batch:
             self._spawn(self._run(batch))

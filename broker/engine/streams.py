@@ -152,6 +152,10 @@ class Streams:
         cursor.waiters.append((offset, woken))
         if cursor.state == LIVE:
             self._start_repair(channel, cursor, truth)
+        elif cursor.stalled:
+            self.resync(channel.__eq__)
+        else:
+            cursor.recheck = True  # after the repair in progress, up to the source's position
         try:
             await asyncio.wait_for(asyncio.shield(woken), self.catch_up_timeout)
         except asyncio.TimeoutError:
