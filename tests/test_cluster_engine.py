@@ -121,3 +121,21 @@ def test_recovery_covers_up_to_the_cursor():
         assert not (await engine.recover(channel, "stale", 0)).recovered
 
     asyncio.run(main())
+
+
+def test_client_ahead_of_the_cursor_is_recovered_once_the_copy_catches_up():
+    async def main():
+        home, engine, delivered, lost = make()
+        channel = channel_homed_on(0)
+        start = await engine.position(channel)
+        for n in range(5):
+            home.local.publish_now(channel, b"%d" % n)
+        stream(home, engine, channel, [1, 2])         # this shard delivered 2; 3..5 in flight
+        # The client saw 4 before it moved here: not a failed recovery.
+        recovery = await engine.recover(channel, start.epoch, 4)
+        assert recovery.recovered and recovery.position.offset == 5
+        assert [offset for offset, _ in recovery.publications] == [5]
+        assert delivered == [1, 2, 3, 4, 5] and lost == []
+        assert not (await engine.recover(channel, start.epoch, 9)).recovered  # beyond the home itself
+
+    asyncio.run(main())

@@ -25,12 +25,15 @@ answers a subscriber, who then retries on a fresh cursor).
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Awaitable, Callable, Protocol
 
 from ..errors import EngineUnavailable
 from .base import DeliverFn, Position, Recovery
 
 __all__ = ["StreamSource", "Streams", "EPOCH_CHANGED", "HISTORY_GONE"]
+
+log = logging.getLogger("broker.engine.streams")
 
 SYNCING, LIVE, REPAIRING = 0, 1, 2
 FETCH_LIMIT = 1000   # publications per history request while repairing
@@ -357,4 +360,5 @@ class Streams:
             return
         self.lost_streams += 1
         self._drop(channel, cursor)
+        log.warning("stream of %s lost: %s", channel, reason)
         self.lost(channel, reason)
