@@ -220,3 +220,16 @@ def test_join_failure_answers_unavailable_and_leaves_nothing_behind():
         assert streams.cursors == {} and source.joined == set()
 
     asyncio.run(main())
+
+
+def test_our_own_publication_is_delivered_early_only_when_it_is_next():
+    async def main():
+        source, streams, delivered, lost = make()
+        await streams.position("bill:1")
+        items = source.publish("bill:1", 3)
+        streams.offer_if_next("bill:1", *items[1])   # 2 before 1: not next, left to the stream
+        streams.offer_if_next("bill:1", *items[0])   # next: delivered now
+        offer(streams, items)                        # the stream: 1 is a duplicate, then 2, 3
+        assert delivered == [1, 2, 3] and lost == [] and streams.repairs == 0
+
+    asyncio.run(main())

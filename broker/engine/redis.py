@@ -122,7 +122,11 @@ class RedisEngine(Engine):
 
     # ------------------------------------------------------------ Engine API
     async def publish(self, channel: str, data_json: bytes) -> Position:
-        return await self.store.publish(channel, data_json)
+        position = await self.store.publish(channel, data_json)
+        # Our own subscribers need not wait for the pub/sub copy (which then
+        # is a duplicate) when this is exactly the next offset they expect.
+        self.streams.offer_if_next(channel, position.epoch, position.offset, data_json)
+        return position
 
     async def position(self, channel: str) -> Position:
         return await self.streams.position(channel)

@@ -200,6 +200,15 @@ class Streams:
         else:
             self._advance(channel, cursor, epoch, offset, data)
 
+    def offer_if_next(self, channel: str, epoch: str, offset: int, data: bytes) -> None:
+        """A publication known by another way than the stream (the source's
+        answer to our own publish): delivered now only if it is exactly the
+        next one of a live cursor; otherwise the stream brings it."""
+        cursor = self.cursors.get(channel)
+        if (cursor is not None and cursor.state == LIVE and offset == cursor.offset + 1
+                and epoch == cursor.epoch):
+            self._deliver(channel, cursor, offset, data)
+
     def resync(self, wanted: Callable[[str], bool] = lambda channel: True) -> None:
         """Check the ``wanted`` streams against the source: what was in flight
         when the connection broke (or the home died) is fetched from history."""
