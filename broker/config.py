@@ -108,6 +108,7 @@ class Cluster:
     request_timeout: float = 3.0             # seconds a shard waits for another's answer
     high_water_mark: int = 100000            # ZeroMQ messages queued per peer before dropping
     restart_backoff_max: float = 30.0        # seconds between restarts of a shard that keeps dying
+    sweep_interval: float = 30.0             # seconds between sweeps of idle channel state
 
 
 @dataclass
@@ -343,6 +344,7 @@ CLUSTER: dict[str, Callable[[str, Any, bool], Any]] = {
     "request_timeout": _float(0.0, strict=True),
     "high_water_mark": _int(1),
     "restart_backoff_max": _float(0.0, strict=True),
+    "sweep_interval": _float(0.0, strict=True),
 }
 
 def _redis_prefix(key: str, value: Any, text: bool) -> str:

@@ -35,6 +35,7 @@ __all__ = [
     "Transition",
     "shard_budget",
     "IpConnectionTable",
+    "IP_TABLE_FILE",
     "ip_slot",
     "Liveness",
     "liveness",
@@ -181,6 +182,9 @@ class Degradation:
 
 
 # ------------------------------------------------------- connections per IP
+
+#: The table's file name in the run dir (one per broker node).
+IP_TABLE_FILE = "ip-connections"
 
 _MAGIC = b"BRKIPT01"
 _HEADER = struct.Struct("<8sII")   # magic, shards, slots

@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     if config.redis_url:
         # Redis sequences every channel: no home shards, no journal. ZeroMQ
         # still carries the supervisor's status and the shards' stats.
-        return _run(shard_id_int, parent, run_dir, config, loop, stop, router,
+        return _run(shard_id_int, shards, parent, run_dir, config, loop, stop, router,
                     RedisEngine(config, loop, router), journal=None)
     state_dir = config.state_dir or run_dir
     os.makedirs(state_dir, exist_ok=True)
@@ -89,14 +89,15 @@ def main(argv: list[str] | None = None) -> int:
     local = MemoryEngine(config, journal=journal)
     local.schedule = loop.call_soon
     engine = ClusterEngine(config, shard_id_int, shards, router, local)
-    return _run(shard_id_int, parent, run_dir, config, loop, stop, router, engine, journal)
+    return _run(shard_id_int, shards, parent, run_dir, config, loop, stop, router, engine, journal)
 
 
-def _run(shard_id_int: int, parent: int, run_dir: str, config: Config,
+def _run(shard_id_int: int, shards: int, parent: int, run_dir: str, config: Config,
          loop: asyncio.AbstractEventLoop, stop: asyncio.Event, router: Router,
          engine: Engine, journal: Journal | None) -> int:
     """Serve one shard with ``engine`` until ``stop``, then clean up."""
-    shard = Shard(config, shard_id=shard_id_int, engine=engine, loop=loop)
+    shard = Shard(config, shard_id=shard_id_int, engine=engine, loop=loop, shards=shards,
+                  ip_table_path=os.path.join(run_dir, "ip-connections"))
     shard.attach_router(router)
     if isinstance(engine, RedisEngine):
         engine.local_presence = shard_presence(shard)

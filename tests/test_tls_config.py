@@ -1,8 +1,6 @@
 """TLS and pressure settings in the config: tls_cert/tls_key as a validated
 pair loadable by ssl, the new [limits] keys and the [memory] section."""
 import ssl
-import subprocess
-import sys
 
 import pytest
 

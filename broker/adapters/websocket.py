@@ -8,8 +8,11 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
+from .._fastpath import FRAMING_NATIVE
 from ..errors import ProtocolViolation
 from ..handshake import Accepted
+from ..pressure import TokenBucket
+from ..tls import is_tls
 from .native.protocol import BadCommandBudget, error_line, reply_line
 from .session import Session, SessionHost
 
@@ -22,19 +25,24 @@ __all__ = ["WebSocketSession"]
 class WebSocketSession(Session):
     """A session bound to one WebSocket connection for its whole life."""
 
-    __slots__ = ("host", "conn", "_budget")
+    __slots__ = ("host", "conn", "_budget", "_bucket")
 
     def __init__(self, host: SessionHost, conn: "Connection", accepted: Accepted) -> None:
         super().__init__(accepted.identity)
         self.host = host
         self.conn = conn
         self._budget: BadCommandBudget | None = None
+        self._bucket: TokenBucket | None = None
 
     def start(self) -> None:
-        """Join the shard: the C flush writes plain frames to a dup of the
-        socket itself; compressed connections go through write_pending."""
-        self.host.open_session(self, fd=-1 if self.conn.deflate else self.conn.dup_fd())
-        self.host.set_paused(self, self.conn.paused)
+        """Join the shard: the C flush writes this session's frames (plain or
+        compressed) to a dup of the socket itself, except through TLS, where
+        every byte must go through the transport (write_pending)."""
+        conn = self.conn
+        fd = -1 if conn.transport is None or is_tls(conn.transport) else conn.dup_fd()
+        self.host.open_session(self, fd=fd, framing=FRAMING_NATIVE,
+                               window_bits=conn.window_bits if conn.deflate else 0)
+        self.host.set_paused(self, conn.paused)
 
     # ------------------------------------------------ from the connection
     def wire_paused(self, paused: bool) -> None:
@@ -52,6 +60,26 @@ class WebSocketSession(Session):
     def wire_lost(self) -> None:
         self.closing = True
         self.host.session_closed(self)
+
+    # -------------------------------------------------------- limits
+    def over_rate(self, command_id: int | None) -> bool:
+        """Take one command from the ``limits.commands_per_second`` bucket;
+        when it is empty, answer 429 (which spends the bad-command budget,
+        so refusals that persist close with 1008) and say so."""
+        now = time.monotonic()
+        if self._bucket is None:
+            self._bucket = TokenBucket(self.host.config.limits.commands_per_second, now=now)
+        if self._bucket.take(now):
+            return False
+        self.bad_command(command_id, ProtocolViolation(
+            429, f"rate limited: more than {self.host.config.limits.commands_per_second} commands per second"))
+        return True
+
+    def tick(self, now: float, wall: float) -> None:
+        self.conn.check_alive(now)
+        expires = self.identity.expires
+        if expires is not None and wall > expires + self.host.config.jwt.leeway and not self.closing:
+            self.close(1008, "token expired: refresh it before exp")
 
     # -------------------------------------------------------- errors
     def bad_command(self, command_id: int | None, exc: ProtocolViolation) -> None:
@@ -83,9 +111,9 @@ class WebSocketSession(Session):
         conn = self.conn
         if (conn.paused and not force) or conn.transport is None:
             return
-        payload = self.host.take_pending(self)
-        if payload:
-            conn.transport.write(self.host.batch_frame(payload, conn.deflate, conn.window_bits))
+        frames = self.host.take_frames(self)
+        if frames:
+            conn.transport.write(frames)
 
     def write_tail(self, rest: bytes | None) -> None:
         transport = self.conn.transport

@@ -137,7 +137,19 @@ class ClusterEngine(Engine):
         self.streams.release(channel)
 
     def sweep(self, is_active: Callable[[str], bool]) -> int:
-        return self.local.sweep(is_active) + self.streams.sweep(is_active)
+        """Forget idle state. A channel homed here is idle only when no shard
+        follows it: ``is_active`` knows this shard's subscribers, the XPUB
+        knows which channels other shards subscribed to. Dropping a channel
+        only another shard follows would give its next publication a new
+        epoch, and that shard would declare a stream lost that lost nothing.
+
+        A cursor with no local subscriber left (its subscribe was abandoned
+        while the cursor synced, so ``release`` never came) is released here,
+        or the home would keep the channel for nobody."""
+        router = self.router
+        router.read_subscriptions()
+        swept = self.local.sweep(lambda channel: is_active(channel) or router.followed(channel))
+        return swept + self.streams.sweep(is_active)
 
     def stats(self) -> dict[str, int]:
         return {**self.local.stats(), **self.streams.stats(),

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from ...errors import EngineUnavailable, ProtocolViolation
+from ...auth import verify_token
+from ...errors import AuthError, EngineUnavailable, ProtocolViolation
 from ...handshake import Accepted, negotiate
 from ...httpmsg import Request, Response
 from ..session import Adapter, SessionHost
@@ -66,6 +67,8 @@ class NativeSession(WebSocketSession):
             if isinstance(item, ProtocolViolation):
                 self.bad_command(getattr(item, "command_id", None), item)
                 continue
+            if self.over_rate(item.id):
+                continue
             try:
                 await self._command(item)
             except ProtocolViolation as exc:
@@ -74,7 +77,7 @@ class NativeSession(WebSocketSession):
                 else:
                     self.host.queue(self, error_line(item.id, exc.code, exc.message))
             except EngineUnavailable as exc:
-                self.host.queue(self, error_line(item.id, 503, f"engine unavailable: {exc}"))
+                self.host.queue(self, error_line(item.id, 503, f"{exc.label}: {exc}"))
 
     async def _command(self, cmd: Command) -> None:
         op = cmd.op
@@ -98,3 +101,18 @@ class NativeSession(WebSocketSession):
             position = await self.host.client_publish(self, cmd.channel, cmd.data_json)
             self.host.queue(self, reply_line(cmd.id, "published", channel=cmd.channel,
                                              offset=position.offset))
+        elif op == "refresh":
+            assert cmd.token is not None
+            self._refresh(cmd.id, cmd.token)
+
+    def _refresh(self, command_id: int | None, token: str) -> None:
+        """A newer token for the same user: the session lives on to its exp."""
+        try:
+            identity = verify_token(token, self.host.config)
+        except AuthError as exc:
+            raise ProtocolViolation(403, f"refresh refused: {exc}") from None
+        if self.identity.user is None or identity.user != self.identity.user:
+            raise ProtocolViolation(403, "refresh refused: the token is for another user")
+        self.identity = identity
+        exp = int(identity.expires) if identity.expires is not None else None
+        self.host.queue(self, reply_line(command_id, "refreshed", exp=exp))

@@ -78,10 +78,12 @@ class StreamSession(WebSocketSession):
                 else:
                     self.host.queue(self, error_line(command_id, item.code, item.message))
                 continue
+            # No commands_per_second here: a backend holds the API key and
+            # is the publisher the broker exists for.
             try:
                 self.host.queue(self, await self._run(item))
             except EngineUnavailable as exc:
-                self.host.queue(self, error_line(item.id, 503, f"engine unavailable: {exc}"))
+                self.host.queue(self, error_line(item.id, 503, f"{exc.label}: {exc}"))
 
     async def _run(self, cmd: StreamCommand) -> bytes:
         head = b'{"id":%d,' % cmd.id if cmd.id is not None else b"{"
