@@ -138,7 +138,8 @@ class Config:
     tls_key: str | None = None               # PEM private key of tls_cert
     state_dir: str | None = None             # where shards journal channel state; None = the run dir (gone at exit)
     drain_timeout: float = 10.0              # seconds for a graceful stop
-    flush_interval: float = 0.0              # batching window in seconds; 0 = end of loop turn
+    flush_interval: float = 0.0              # fixed batching window in seconds; 0 = adaptive
+    flush_max_window: float = 0.03           # adaptive window's bound in seconds; 0 = end of each loop turn
     compression: bool = True                 # accept permessage-deflate offers
     log_level: str = "info"
     limits: Limits = field(default_factory=Limits)
@@ -317,6 +318,7 @@ TOP_LEVEL: dict[str, Callable[[str, Any, bool], Any]] = {
     "state_dir": _str,
     "drain_timeout": _float(0.0),
     "flush_interval": _float(0.0),
+    "flush_max_window": _float(0.0),
     "compression": _bool,
     "log_level": _log_level,
 }

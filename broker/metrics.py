@@ -70,6 +70,8 @@ _SERIES = (
      "WebSocket upgrades answered 503 at degradation level 3."),
     ("upgrades_refused_per_ip", "broker_upgrades_refused_per_ip", "counter",
      "WebSocket upgrades answered 429 over limits.connections_per_ip."),
+    ("upgrades_refused_fds", "broker_upgrades_refused_fds", "counter",
+     "WebSocket upgrades answered 503 to keep file descriptors for HTTP (EMFILE avoided)."),
     ("up", "broker_shard_up", "gauge", "1 when the shard is serving."),
     ("engine.history_bytes", "broker_history_bytes", "gauge", "Bytes of retained history homed here."),
     ("engine.zmq_hwm_drops", "broker_zmq_hwm_drops", "counter",

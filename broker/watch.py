@@ -14,6 +14,7 @@ import ctypes.util
 import gc
 import logging
 import os
+import resource
 import time
 from typing import Protocol
 
@@ -21,6 +22,7 @@ import psutil
 
 from .adapters.session import Session
 from .config import Config
+from .fdlimit import EmfileReporter
 from .httpmsg import Response, error_response
 from .pressure import Degradation, IpConnectionTable, MemoryThresholds, shard_budget
 
@@ -29,6 +31,25 @@ __all__ = ["Watch", "Watched", "TICK"]
 log = logging.getLogger("broker.watch")
 
 TICK = 1.0  # seconds between liveness/expiry checks
+
+# Descriptors kept free for plain HTTP (/healthz, /readyz, the API), the
+# journal, ZeroMQ and the handoffs, whatever the WebSockets take.
+FD_RESERVE = 64
+# A WebSocket holds its socket and the dup the C flush writes to.
+FDS_PER_WEBSOCKET = 2
+
+
+def websocket_capacity(reserve: int = FD_RESERVE) -> int:
+    """WebSockets this process can hold before the reserve is touched:
+    refused with a 503 beyond it rather than reset by an EMFILE accept."""
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft == resource.RLIM_INFINITY:
+        return 1 << 30
+    try:
+        open_now = len(os.listdir("/proc/self/fd"))
+    except OSError:  # pragma: no cover - no procfs
+        open_now = 32
+    return max(0, (soft - open_now - reserve) // FDS_PER_WEBSOCKET)
 
 
 def _malloc_trim() -> "ctypes._CFuncPtr | None":
@@ -58,6 +79,11 @@ class Watched(Protocol):
     loop: asyncio.AbstractEventLoop
     sessions: list[Session | None]
 
+    @property
+    def websocket_count(self) -> int:
+        """Open sessions."""
+        ...
+
     def pending_bytes(self, session: Session) -> int:
         """Bytes queued for ``session``."""
         ...
@@ -78,6 +104,8 @@ class Watch:
         self.cut_for_memory = 0
         self.refused_for_memory = 0
         self.refused_per_ip = 0
+        self.websocket_capacity = websocket_capacity()
+        self.fd_refusals = EmfileReporter()
         self._process = psutil.Process(os.getpid())
         self._next_memory_check = 0.0
         self._timer: asyncio.TimerHandle | None = shard.loop.call_later(TICK, self._tick)
@@ -93,6 +121,13 @@ class Watch:
         if self.level >= 3:
             self.refused_for_memory += 1
             return error_response(503, "overloaded: the shard is over its memory budget; try again later",
+                                  headers=(("Retry-After", "5"),))
+        if self.shard.websocket_count >= self.websocket_capacity:
+            if self.fd_refusals.record(time.monotonic()):
+                log.warning("shard: %d file descriptors' worth of WebSockets (%d) reached; %d upgrades "
+                            "refused with 503 since the last report; raise the hard RLIMIT_NOFILE",
+                            FDS_PER_WEBSOCKET, self.websocket_capacity, self.fd_refusals.since_last_log())
+            return error_response(503, "out of file descriptors: no more WebSockets on this shard",
                                   headers=(("Retry-After", "5"),))
         limit = self.shard.config.limits.connections_per_ip
         if not self.ips.try_acquire(ip, limit):
