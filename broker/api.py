@@ -219,6 +219,21 @@ async def history(shard: ApiHost, request: Request, match: re.Match[str]) -> Res
     return Response(200, _position_json(channel, position)[:-1] + b',"publications":[' + items + b"]}")
 
 
+@route("GET", "/api/presence")
+async def presence(shard: "Shard", request: Request, match: re.Match[str]) -> Response:
+    """Subscribers of a channel and their user ids, across every host (the
+    Redis engine keeps each shard's share there; entries are up to about a
+    second old)."""
+    query = request.query()
+    if "channel" not in query:
+        raise _BadRequest("channel is required")
+    channel = _publishable(shard, query["channel"])
+    answer = await shard.engine.presence(channel)
+    if answer is None:
+        raise _BadRequest("presence needs the Redis engine (--redis)", status=501)
+    return json_response(200, answer)
+
+
 @route("GET", "/api/stats")
 async def stats(shard: ApiHost, request: Request, match: re.Match[str]) -> Response:
     return json_response(200, node_stats(shard.node_id, await shard.cluster_stats(),

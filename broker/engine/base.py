@@ -78,6 +78,11 @@ class Engine(abc.ABC):
     def resync_home(self, shard_id: int) -> None:
         """Shard ``shard_id`` was restarted: re-check the streams it sequences."""
 
+    async def presence(self, channel: str) -> dict[str, object] | None:
+        """``{"channel", "subscribers", "users"}`` across every host, or None
+        when this engine does not track presence (only the Redis engine does)."""
+        return None
+
     def stats(self) -> dict[str, int]:
         return {}
 
