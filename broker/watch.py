@@ -65,9 +65,11 @@ def _malloc_trim() -> "ctypes._CFuncPtr | None":
 _TRIM = _malloc_trim()
 
 
-def release_memory() -> None:
-    """Collect cycles and return freed memory to the system."""
-    gc.collect()
+def release_memory(collect: bool = True) -> None:
+    """Return freed heap to the system (after collecting cycles, unless
+    ``collect`` is False: a full collection costs more than the trim)."""
+    if collect:
+        gc.collect()
     if _TRIM is not None:
         _TRIM(0)
 
@@ -162,7 +164,7 @@ class Watch:
         if count > self._peak_sessions:
             self._peak_sessions = count
         elif self._peak_sessions - count >= 256 and count <= self._peak_sessions // 2:
-            release_memory()
+            release_memory(collect=False)
             self._peak_sessions = count
 
     def check_memory(self) -> None:
