@@ -35,6 +35,10 @@ class ApiHost(Protocol):
         """Sequence, store and deliver one publication."""
         ...
 
+    async def publish_many(self, items: list[tuple[str, bytes]]) -> list[Position]:
+        """Many publications; each home shard gets its items in one message."""
+        ...
+
     async def cluster_stats(self) -> list[dict[str, Any]]:
         """Every shard's stats."""
         ...
@@ -128,8 +132,8 @@ def _position_json(channel: str, position: Position) -> bytes:
 
 async def _publish_all(shard: ApiHost, items: list[tuple[str, bytes]]) -> Response:
     """Publish validated (channel, data) pairs in order: ``{"results": [...]}``."""
-    results = [_position_json(channel, await shard.publish(channel, data_json))
-               for channel, data_json in items]
+    positions = await shard.publish_many(items)
+    results = [_position_json(channel, position) for (channel, _), position in zip(items, positions, strict=True)]
     return Response(200, b'{"results":[' + b",".join(results) + b"]}")
 
 

@@ -328,6 +328,15 @@ class Shard:
                 if session is not None:
                     session.stream_lost(channel, reason)
 
+    async def publish_many(self, items: list[tuple[str, bytes]]) -> list[Position]:
+        """Many publications at once (a broadcast, a batch): the engine sends
+        each home shard its items in one message."""
+        if self.watch.level >= 3:
+            raise Overloaded("the shard is over its memory budget; publishing is refused")
+        positions = await self.engine.publish_many(items)
+        self.published += len(items)
+        return positions
+
     async def publish(self, channel: str, data_json: bytes) -> Position:
         """Sequence, store and deliver one publication (from the API or a client)."""
         if self.watch.level >= 3:

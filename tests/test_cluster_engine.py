@@ -306,3 +306,23 @@ def test_client_ahead_of_the_cursor_is_recovered_once_the_copy_catches_up():
         assert not (await engine.recover(channel, start.epoch, 9)).recovered  # beyond the home itself
 
     asyncio.run(main())
+
+
+def test_a_broadcast_sends_each_home_one_request_carrying_all_its_items():
+    home, engine, _, _ = make()
+    router = engine.router
+    sent: list[tuple[bytes, int]] = []
+    original = router.request
+
+    async def counting(peer, verb, *args, timeout=None):
+        sent.append((verb, len(args) // 2))
+        return await original(peer, verb, *args, timeout=timeout)
+
+    router.request = counting
+    remote = [f"bill:{i}" for i in range(100) if home_of(f"bill:{i}", 2) == 0][:5]
+    local = [f"bill:{i}" for i in range(100) if home_of(f"bill:{i}", 2) == 1][:3]
+    items = [(c, b'{"n":1}') for c in remote + local] + [(remote[0], b'{"n":2}')]
+    positions = asyncio.run(engine.publish_many(items))
+    assert sent == [(b"PUBM", 6)]  # one message for the other home; local ones need none
+    assert [p.offset for p in positions] == [1] * 8 + [2]  # the same channel twice: in order
+    assert home.local.history_now(remote[0], 0, 10)[1] == [(1, b'{"n":1}'), (2, b'{"n":2}')]

@@ -49,6 +49,12 @@ class Engine(abc.ABC):
 
         Raises EngineUnavailable when it cannot be stored: no false acks."""
 
+    async def publish_many(self, items: list[tuple[str, bytes]]) -> list[Position]:
+        """Publish (channel, data) items, in order per channel; positions in
+        item order. Engines that can batch (one request per home shard, one
+        Redis pipeline) override it."""
+        return [await self.publish(channel, data_json) for channel, data_json in items]
+
     @abc.abstractmethod
     async def position(self, channel: str) -> Position:
         """The channel's current epoch and last offset."""

@@ -15,6 +15,8 @@ subscribers (``lost``) — never silently skipped.
 """
 from __future__ import annotations
 
+import asyncio
+
 import json
 import zlib
 from typing import Any, Callable
@@ -115,6 +117,27 @@ class ClusterEngine(Engine):
         epoch, offset = await self.router.request(home, b"PUB", channel.encode(), data_json)
         return Position(epoch.decode(), int(offset))
 
+    async def publish_many(self, items: list[tuple[str, bytes]]) -> list[Position]:
+        """Many publications (a broadcast, a batch): one request per home
+        shard carrying all of its items, every home at once, instead of one
+        round trip per channel in series. Order holds per channel."""
+        by_home: dict[int, list[int]] = {}
+        for index, (channel, _) in enumerate(items):
+            by_home.setdefault(self.home(channel), []).append(index)
+        positions: list[Position | None] = [None] * len(items)
+        for index in by_home.pop(self.id, []):
+            positions[index] = self.local.publish_now(*items[index])
+
+        async def remote(home: int, indices: list[int]) -> None:
+            args = [part for i in indices for part in (items[i][0].encode(), items[i][1])]
+            reply = await self.router.request(home, b"PUBM", *args)
+            for n, i in enumerate(indices):
+                positions[i] = Position(reply[2 * n].decode(), int(reply[2 * n + 1]))
+
+        if by_home:
+            await asyncio.gather(*(remote(home, indices) for home, indices in by_home.items()))
+        return positions  # type: ignore[return-value]  # every index was filled
+
     async def position(self, channel: str) -> Position:
         if self.home(channel) == self.id:
             return self.local.position_now(channel)
@@ -178,6 +201,12 @@ class ClusterEngine(Engine):
             channel, data = args[0].decode(), args[1]
             position = self.local.publish_now(channel, data)
             return [OK, position.epoch.encode(), b"%d" % position.offset]
+        if verb == b"PUBM":
+            out: list[bytes] = [OK]
+            for i in range(0, len(args), 2):
+                position = self.local.publish_now(args[i].decode(), args[i + 1])
+                out += [position.epoch.encode(), b"%d" % position.offset]
+            return out
         if verb == b"HIST":
             position, publications = self.local.history_now(args[0].decode(), int(args[1]), int(args[2]))
             flat = [item for offset, data in publications for item in (b"%d" % offset, data)]

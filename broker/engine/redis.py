@@ -128,6 +128,11 @@ class RedisEngine(Engine):
         self.streams.offer_if_next(channel, position.epoch, position.offset, data_json)
         return position
 
+    async def publish_many(self, items: list[tuple[str, bytes]]) -> list[Position]:
+        """Every item in one pipelined write: the store batches the calls of
+        one loop turn, and it sends them in call order (so per channel too)."""
+        return list(await asyncio.gather(*(self.publish(channel, data) for channel, data in items)))
+
     async def position(self, channel: str) -> Position:
         return await self.streams.position(channel)
 
