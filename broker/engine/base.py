@@ -75,6 +75,13 @@ class Engine(abc.ABC):
     def resync_home(self, shard_id: int) -> None:
         """Shard ``shard_id`` was restarted: re-check the streams it sequences."""
 
+    def rebound(self) -> int:
+        """Apply reloaded history sizes and TTLs to existing channels."""
+        return 0
+
+    def fence(self, fenced: bool = True) -> None:
+        """Stop (or resume) writing channel state: a deploy hands it over."""
+
     def stats(self) -> dict[str, int]:
         return {}
 

@@ -158,6 +158,12 @@ class ClusterEngine(Engine):
     def sweep(self, is_active: Callable[[str], bool]) -> int:
         return self.local.sweep(is_active)
 
+    def rebound(self) -> int:
+        return self.local.rebound()
+
+    def fence(self, fenced: bool = True) -> None:
+        self.local.fence(fenced)
+
     def stats(self) -> dict[str, int]:
         return {**self.local.stats(), "remote_channels": len(self._cursors),
                 "zmq_hwm_drops": self.router.hwm_drops, "repairs": self.repairs,

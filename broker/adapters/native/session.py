@@ -11,6 +11,7 @@ import time
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from ...errors import EngineUnavailable, ProtocolViolation
+from ...features import is_on
 from ...handshake import Accepted, negotiate
 from ...httpmsg import Request, Response
 from ..session import Adapter, Session, SessionHost
@@ -44,8 +45,10 @@ class NativeEndpoint:
     def open(self, conn: "Connection", accepted: Accepted) -> "NativeSession":
         session = NativeSession(self.host, conn, accepted)
         # The C flush writes plain frames to a dup of the socket itself;
-        # compressed connections go through write_pending for now.
-        self.host.open_session(session, fd=-1 if conn.deflate else conn.dup_fd())
+        # compressed connections go through write_pending for now, and so do
+        # those the "direct_write" switch leaves out.
+        direct = not conn.deflate and is_on(self.host.config, "direct_write", accepted.rollout_key)
+        self.host.open_session(session, fd=conn.dup_fd() if direct else -1)
         self.host.set_paused(session, conn.paused)
         return session
 
