@@ -221,7 +221,9 @@ async def history(shard: ApiHost, request: Request, match: re.Match[str]) -> Res
 
 @route("GET", "/api/stats")
 async def stats(shard: ApiHost, request: Request, match: re.Match[str]) -> Response:
-    return json_response(200, node_stats(shard.node_id, await shard.cluster_stats()))
+    from .shardops import view
+
+    return json_response(200, {**node_stats(shard.node_id, await shard.cluster_stats()), **view(shard)})
 
 
 def node_stats(node: str, shards: list[dict[str, Any]]) -> dict[str, Any]:
@@ -256,3 +258,6 @@ async def metrics(shard: ApiHost, request: Request, match: re.Match[str]) -> Res
 async def websocket_without_upgrade(shard: ApiHost, request: Request, match: re.Match[str]) -> Response:
     """A plain GET of the WebSocket endpoint: say how to talk to it."""
     return upgrade_required()
+
+
+from . import admin  # noqa: E402,F401  (registers /api/admin/*)

@@ -20,6 +20,7 @@ import asyncio
 import json
 import logging
 import os
+import random
 import socket
 from typing import Any
 
@@ -68,6 +69,8 @@ class Shard:
         self._free_ids: list[int] = []
         self.endpoints: dict[str, WebSocketEndpoint] = {"/ws": NativeEndpoint(self)}
         self.draining = False
+        self.retired = False                    # a deploy's newer generation took over
+        self.admin_endpoint: str | None = None  # the supervisor's admin socket (broker.admin)
         self._flush_handle: asyncio.Handle | asyncio.TimerHandle | None = None
         self._process = psutil.Process(os.getpid())
         self.node_id = f"{socket.gethostname()}:{config.port}"
@@ -85,8 +88,11 @@ class Shard:
     def protocol_factory(self) -> Connection:
         return Connection(self)
 
-    def handle_http(self, request: Request):
-        return api.handle(self, request)
+    async def handle_http(self, request: Request) -> Response:
+        response = await api.handle(self, request)
+        if self.retired:  # a newer generation serves: let the client reconnect there
+            response.close = True
+        return response
 
     def websocket_endpoint(self, path: str) -> WebSocketEndpoint | None:
         return self.endpoints.get(path)
@@ -301,6 +307,25 @@ class Shard:
             if session is not None:
                 session.abort()
 
+    async def migrate(self, wave_size: int, interval: float, max_after_ms: int) -> int:
+        """A deploy's paced migration: ask ``wave_size`` clients per
+        ``interval`` seconds to reconnect (each after a random 0..max_after_ms,
+        so a wave's reconnects spread out), until none is left; returns how
+        many were asked. New upgrades are refused meanwhile (503)."""
+        self.draining = self.retired = True
+        asked = 0
+        while True:
+            live = [s for s in self.sessions if s is not None and not s.closing]
+            if not live:
+                return asked
+            for session in live[:wave_size]:
+                session.reconnect("deploy: a new generation serves",
+                                  random.randint(0, min(max_after_ms, 30000)))
+                asked += 1
+            if len(live) <= wave_size:
+                return asked
+            await asyncio.sleep(interval)
+
     def close(self) -> None:
         if self._sweeper is not None:
             self._sweeper.cancel()
@@ -334,6 +359,8 @@ class Shard:
         """Why /readyz is 503, or None when this node accepts traffic."""
         if self.draining:
             return "draining"
+        if self.retired:
+            return "retiring: a newer generation serves"
         if not self.engine.ready():
             return "engine unreachable"
         if self.router is not None:

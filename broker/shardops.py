@@ -1,0 +1,90 @@
+"""What a shard does for the supervisor's operations (docs/operations.md).
+
+The supervisor drives reloads and deploys through the status it publishes
+to every shard; this module turns a new status into the shard's part:
+
+- ``config_version`` grew: re-read the node spec (``cluster.json``), apply
+  its runtime settings in place (``broker.reload.apply_runtime``), resize
+  the history windows, and acknowledge on the control socket.
+- ``fenced``: stop writing channel state (a deploy hands it over): publishes
+  answer 503 until the new generation serves.
+- ``accepting`` false: stop accepting connections (the new generation owns
+  the listening socket now); connections queued in the shared accept queue
+  are the new generation's to take.
+- ``migrate``: ask this shard's clients to reconnect in paced waves.
+
+``view`` is what ``/api/stats`` adds: generation, phase and feature flags.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any, Callable
+
+from .config import Config
+from .features import describe
+from .reload import apply_runtime
+
+__all__ = ["ShardOperations", "view"]
+
+log = logging.getLogger("broker.shardops")
+
+
+def view(shard: Any) -> dict[str, Any]:
+    """Generation, phase and features for ``/api/stats``."""
+    status = getattr(shard, "cluster_status", None) or {}
+    return {"generation": status.get("generation", 1), "phase": status.get("phase", "serving"),
+            "features": describe(shard.config)}
+
+
+class ShardOperations:
+    """Follows the supervisor's status for one shard process."""
+
+    def __init__(self, shard: Any, run_dir: str, tell: Callable[[dict[str, Any]], None],
+                 config_version: int = 0) -> None:
+        self.shard = shard
+        self.run_dir = run_dir
+        self.tell = tell
+        self.config_version = config_version
+        self.fenced = False
+        self.on_accepting: Callable[[bool], None] = lambda accepting: None
+        self.accepting: bool | None = None
+        self.migration: Any = None
+
+    def follow(self, status: dict[str, Any]) -> None:
+        version = status.get("config_version", 0)
+        if version > self.config_version:
+            self._reload(version)
+        fenced = bool(status.get("fenced", False))
+        if fenced != self.fenced:
+            self.fenced = fenced
+            self.shard.engine.fence(fenced)
+            log.info("shard %d: channel state %s", self.shard.id, "fenced" if fenced else "unfenced")
+        if fenced:
+            self.tell({"fenced": self.shard.id, "pid": os.getpid()})
+        accepting = status.get("accepting")
+        if accepting is not None and accepting != self.accepting:
+            if not accepting and self.accepting is not None:
+                self.shard.retired = True
+            self.accepting = accepting
+            self.on_accepting(accepting)
+        migrate = status.get("migrate")
+        if migrate and self.migration is None:
+            self.migration = self.shard.loop.create_task(self._migrate(migrate))
+
+    def _reload(self, version: int) -> None:
+        with open(os.path.join(self.run_dir, "cluster.json"), encoding="utf-8") as fh:
+            spec = json.load(fh)
+        if spec.get("config_version", 0) < version:
+            return  # the file is older than the status: the next status retries
+        apply_runtime(self.shard.config, Config.from_dict(spec["config"]))
+        resized = self.shard.engine.rebound()
+        self.config_version = spec["config_version"]
+        log.info("shard %d: runtime config %d applied (%d history window(s) resized)",
+                 self.shard.id, self.config_version, resized)
+        self.tell({"applied": self.config_version, "id": self.shard.id, "pid": os.getpid()})
+
+    async def _migrate(self, plan: dict[str, Any]) -> None:
+        moved = await self.shard.migrate(plan["wave_size"], plan["wave_interval"], plan["max_after_ms"])
+        self.tell({"migrated": self.shard.id, "pid": os.getpid(), "clients": moved})
