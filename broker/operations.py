@@ -272,10 +272,10 @@ class Operator:
                       depth: int = 0) -> dict[str, Any]:
         sup = self.sup
         started = time.monotonic()
-        number = max(sup.generations) + 1
+        number = sup.allocate()
         code_dir = code_dir or sup.snapshot(number)
         sources = generation_journals(old.journal_dir, old.number)
-        new = sup.new_generation(config, code_dir, sources, wait_for_import=True)
+        new = sup.new_generation(number, config, code_dir, sources, wait_for_import=True)
         new.phase = "starting"
         old.phase = "deploying" if depth == 0 else "rolling-back"
         old.status_dirty = True
@@ -359,6 +359,9 @@ class Operator:
         await self.sup.stop_generation(generation, 5.0)
         remove_journals(generation_journals(generation.journal_dir, generation.number))
         self._forget(generation)
+        if all(g.code_dir != generation.code_dir for g in self.sup.generations.values()) and \
+                all(code != generation.code_dir for code, _ in self.sup.history):
+            shutil.rmtree(generation.code_dir, ignore_errors=True)  # a snapshot nobody will run
 
     def _forget(self, generation: Generation) -> None:
         self.sup.generations.pop(generation.number, None)

@@ -65,10 +65,12 @@ class ShardOperations:
             self.tell({"fenced": self.shard.id, "pid": os.getpid()})
         accepting = status.get("accepting")
         if accepting is not None and accepting != self.accepting:
-            if not accepting and self.accepting is not None:
+            was, self.accepting = self.accepting, accepting
+            if accepting:
+                self.on_accepting(True)
+            elif was:  # a newer generation took the listening socket over
                 self.shard.retired = True
-            self.accepting = accepting
-            self.on_accepting(accepting)
+                self.on_accepting(False)
         migrate = status.get("migrate")
         if migrate and self.migration is None:
             self.migration = self.shard.loop.create_task(self._migrate(migrate))

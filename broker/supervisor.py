@@ -55,6 +55,7 @@ class Supervisor:
         self.history: list[tuple[str, Config]] = []   # (code dir, config) of each serving generation
         self.ctx: zmq.Context | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
+        self.next_number = 1
         from .operations import Operator
         self.operator = Operator(self)
 
@@ -82,9 +83,13 @@ class Supervisor:
             config.state_dir = os.path.abspath(config.state_dir)
         return config
 
-    def new_generation(self, config: Config, code_dir: str, sources: list[str],
+    def allocate(self) -> int:
+        """The next generation number (never reused, even after a failed deploy)."""
+        self.next_number += 1
+        return self.next_number - 1
+
+    def new_generation(self, number: int, config: Config, code_dir: str, sources: list[str],
                        wait_for_import: bool) -> Generation:
-        number = max(self.generations, default=self._first_number - 1) + 1
         assert self.ctx is not None and self.loop is not None and self.listener is not None
         generation = Generation(number, config, self.run_dir, code_dir, self.ctx, self.loop,
                                 self.listener.fileno(), os.getpid(), self.operator.on_control,
@@ -139,9 +144,10 @@ class Supervisor:
         # State left by an earlier run in --state-dir is taken over like a deploy's.
         state_dir = self.config.state_dir
         previous = latest_generation(state_dir) if state_dir else 0
-        self._first_number = previous + 1
+        self.next_number = previous + 1
         self.leftover = generation_journals(state_dir, previous) if previous else []
-        first = self.new_generation(self.config, self.snapshot(self._first_number), self.leftover, False)
+        number = self.allocate()
+        first = self.new_generation(number, self.config, self.snapshot(number), self.leftover, False)
         self.serving = first
         self.history.append((first.code_dir, self.config))
         log.info("supervisor %d: generation %d, %d shard(s) on http://%s:%d, run dir %s", os.getpid(),
