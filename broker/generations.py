@@ -83,6 +83,7 @@ class ShardProcess:
     fenced: bool = False      # confirmed it writes no channel state
     migrated: bool = False    # asked every client to move
     moved: int = 0            # how many clients it asked
+    health: dict | None = None  # its last health report while a deploy watches
 
 
 class Generation:
@@ -144,6 +145,7 @@ class Generation:
             env=env, pass_fds=(self.listen_fd,))
         shard.pid = shard.process.pid
         shard.up = shard.booted = shard.fenced = shard.migrated = False
+        shard.health = None
         shard.started = time.monotonic()
         shard.restart_at = None
         self.status_dirty = True

@@ -54,6 +54,7 @@ log = logging.getLogger("broker.operations")
 Progress = Callable[[str], None]
 FENCE_TIMEOUT = 5.0      # seconds for the old generation to confirm the fence
 APPLY_TIMEOUT = 10.0     # seconds for every shard to confirm a reload
+MIN_REQUESTS = 20        # requests before a first wave's error rate is judged
 RETIRE_DELAY = 1.0       # seconds between the deploy's result and stopping the old generation
 DEPLOY_FIXED = ("host", "port")  # the listening socket is kept across generations
 
@@ -73,7 +74,7 @@ class Operator:
     # ---------------------------------------------------- from the shards
     def on_control(self, generation: Generation, message: dict[str, Any]) -> None:
         pid = message.get("pid")
-        for key in ("ready", "booted", "applied", "fenced", "migrated"):
+        for key in ("ready", "booted", "applied", "fenced", "migrated", "health"):
             if key not in message:
                 continue
             index = message["id"] if key in ("applied",) else message[key]
@@ -93,6 +94,8 @@ class Operator:
                 shard.applied = max(shard.applied, message["applied"])
             elif key == "fenced":
                 shard.fenced = True
+            elif key == "health":
+                shard.health = message
             elif key == "migrated":
                 shard.migrated = True
                 shard.moved = message.get("clients", 0)
@@ -241,6 +244,27 @@ class Operator:
             return "; ".join(deaths) if deaths else None
         return check
 
+    def _first_wave_failure(self, generation: Generation, max_error_rate: float) -> Callable[[], str | None]:
+        """Why the new generation fails during the first wave: a shard died,
+        one answers /readyz 503, or more than ``max_error_rate`` of its HTTP
+        requests failed (5xx other than 503; judged from MIN_REQUESTS on)."""
+        crashed = self._candidate_failure(generation)
+
+        def check() -> str | None:
+            reason = crashed()
+            if reason:
+                return reason
+            reports = [s.health for s in generation.shards if s.health is not None]
+            for report in reports:
+                if report.get("not_ready"):
+                    return f"shard {report['health']} fails /readyz: {report['not_ready']}"
+            requests = sum(r["requests"] for r in reports)
+            errors = sum(r["errors"] for r in reports)
+            if requests >= MIN_REQUESTS and errors > max_error_rate * requests:
+                return f"error rate {errors}/{requests} requests is above {max_error_rate:.0%}"
+            return None
+        return check
+
     async def deploy(self, file: str | None, progress: Progress, rollback: bool = False) -> dict[str, Any]:
         sup = self.sup
         old: Generation = sup.serving
@@ -320,7 +344,10 @@ class Operator:
         progress(f"generation {old.number}: asking clients to reconnect in waves of {plan.wave_size} "
                  f"every {plan.wave_interval:g}s (after_ms up to {plan.max_after_ms})")
         watch_until = time.monotonic() + plan.wave_interval + plan.first_wave_watch
-        why = await self._until(lambda: time.monotonic() >= watch_until, watch_until + 1, failed)
+        new.set(report_health=True)
+        why = await self._until(lambda: time.monotonic() >= watch_until, watch_until + 1,
+                                self._first_wave_failure(new, plan.max_error_rate))
+        new.set(report_health=False)
         if why and depth == 0:
             progress(f"generation {new.number} failed during the first wave ({why}): rolling back")
             back = await self._deploy(new, _copy(old.config), old.code_dir, progress, depth + 1)

@@ -80,6 +80,8 @@ class Shard:
         self.slow_consumers = 0
         self.bad_commands = 0
         self.connections_total = 0
+        self.http_requests = 0
+        self.http_errors = 0     # 5xx other than 503: a deploy's first wave watches it
         self.flush_latency = PowerHistogram(size=22, unit=1e-6)  # microsecond buckets up to ~2 s
         self._oldest_pending: float | None = None
         self._sweeper: asyncio.TimerHandle | None = self.loop.call_later(SWEEP_INTERVAL, self._sweep)
@@ -89,7 +91,14 @@ class Shard:
         return Connection(self)
 
     async def handle_http(self, request: Request) -> Response:
-        response = await api.handle(self, request)
+        self.http_requests += 1
+        try:
+            response = await api.handle(self, request)
+        except BaseException:
+            self.http_errors += 1
+            raise
+        if response.status >= 500 and response.status != 503:
+            self.http_errors += 1  # 503 is back-pressure (fenced, overloaded), not a fault
         if self.retired:  # a newer generation serves: let the client reconnect there
             response.close = True
         return response

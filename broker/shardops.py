@@ -17,6 +17,7 @@ to every shard; this module turns a new status into the shard's part:
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -29,6 +30,8 @@ from .reload import apply_runtime
 __all__ = ["ShardOperations", "view"]
 
 log = logging.getLogger("broker.shardops")
+
+HEALTH_INTERVAL = 0.2  # seconds between health reports while a deploy watches
 
 
 def view(shard: Any) -> dict[str, Any]:
@@ -51,6 +54,7 @@ class ShardOperations:
         self.on_accepting: Callable[[bool], None] = lambda accepting: None
         self.accepting: bool | None = None
         self.migration: Any = None
+        self.health: Any = None
 
     def follow(self, status: dict[str, Any]) -> None:
         version = status.get("config_version", 0)
@@ -71,6 +75,11 @@ class ShardOperations:
             elif was:  # a newer generation took the listening socket over
                 self.shard.retired = True
                 self.on_accepting(False)
+        if status.get("report_health") and self.health is None:
+            self.health = self.shard.loop.create_task(self._report_health())
+        elif not status.get("report_health") and self.health is not None:
+            self.health.cancel()
+            self.health = None
         migrate = status.get("migrate")
         if migrate and self.migration is None:
             self.migration = self.shard.loop.create_task(self._migrate(migrate))
@@ -86,6 +95,15 @@ class ShardOperations:
         log.info("shard %d: runtime config %d applied (%d history window(s) resized)",
                  self.shard.id, self.config_version, resized)
         self.tell({"applied": self.config_version, "id": self.shard.id, "pid": os.getpid()})
+
+    async def _report_health(self) -> None:
+        """While a deploy watches this (new) generation: requests, faults and
+        readiness, several times a second."""
+        shard = self.shard
+        while True:
+            self.tell({"health": shard.id, "pid": os.getpid(), "requests": shard.http_requests,
+                       "errors": shard.http_errors, "not_ready": shard.not_ready_reason()})
+            await asyncio.sleep(HEALTH_INTERVAL)
 
     async def _migrate(self, plan: dict[str, Any]) -> None:
         moved = await self.shard.migrate(plan["wave_size"], plan["wave_interval"], plan["max_after_ms"])

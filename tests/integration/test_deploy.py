@@ -218,3 +218,51 @@ def test_admin_api_needs_the_api_key(broker):
     assert status == 401
     status, body = broker.api("POST", "/api/admin/reload", {"config": 5})
     assert status == 400
+
+
+@pytest.mark.parametrize("fault", ["publish fails", "crash"])
+def test_a_new_generation_failing_its_first_wave_is_rolled_back(tmp_path, fault):
+    config = tmp_path / "broker.toml"
+    config.write_text("allow_anonymous = true\nshards = 2\n"
+                      "[deploy]\nwave_size = 10\nwave_interval = 0.3\nfirst_wave_watch = 3\n")
+    broker, worker = _broker_from_a_copy(tmp_path, "--config", str(config))
+    if fault == "crash":  # the new code dies a second after it became ready
+        good = worker.read_text()
+        marker = 'router.tell_supervisor({"ready": shard_id_int, "pid": os.getpid()})'
+        assert marker in good
+        worker.write_text(good.replace(marker, marker + "\n            loop.call_later(1.0, os._exit, 7)"))
+    else:  # the new code answers every publication 500
+        api = worker.parent / "api.py"
+        good = api.read_text()
+        marker = "async def _publish(shard: ApiHost, channel: str, data: Any) -> Response:\n"
+        assert marker in good
+        api.write_text(good.replace(marker, marker + '    raise RuntimeError("broken build")\n'))
+    channels = ["bill:1", "bill:2", "bill:3"]
+    audience = Audience(broker.ws_url, 40, channels)
+
+    async def scenario() -> tuple:
+        await audience.connect()
+        traffic = Traffic(broker, channels, rate=60, retry=(0, 500, 503)).start()
+        try:
+            await asyncio.sleep(0.5)
+            outcome = await asyncio.to_thread(operate, broker, "deploy")
+            await asyncio.sleep(1.0)
+        finally:
+            traffic.stop()
+        await audience.caught_up(traffic)
+        await audience.close()
+        return outcome, traffic
+
+    try:
+        (code, progress, result), traffic = asyncio.run(scenario())
+        assert code == 1 and not result["ok"] and "first wave" in result["error"], result
+        assert ("error rate" if fault == "publish fails" else "exited with code 7") in result["error"]
+        assert "rolled back to generation 3" in result["error"]
+        assert any("rolling back" in line for line in progress)
+        view = stats(broker)
+        assert view["generation"] == 3 and view["phase"] == "serving" and all(s["up"] for s in view["shards"])
+        audience.check_exactly_once(traffic, crashed=fault == "crash")
+        offset = broker.publish("bill:1", "after")["offset"]  # the state moved on twice, no gap
+        assert offset == traffic.last("bill:1") + 1 if fault != "crash" else offset > traffic.last("bill:1")
+    finally:
+        assert broker.stop() == 0
