@@ -30,6 +30,7 @@ import zmq
 from .config import Config
 from .generations import Generation, make_endpoints, snapshot_code
 from .handover import generation_journals, latest_generation
+from .operations import Operator
 from .reload import ConfigSources
 from .router import Drain
 from .runtime import new_loop
@@ -56,7 +57,7 @@ class Supervisor:
         self.ctx: zmq.Context | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self.next_number = 1
-        from .operations import Operator
+        self.leftover: list[str] = []    # journals of an earlier run, until taken over
         self.operator = Operator(self)
 
     # ------------------------------------------------------------- set-up
