@@ -160,7 +160,8 @@ def publish(url: str, api_key: str | None, channel: str, data: str) -> None:
 
 def _stats_table(stats: dict[str, Any]) -> str:
     totals = ("connections", "subscriptions", "channels", "published", "delivered")
-    lines = [f"node {stats.get('node', '?')}"]
+    lines = [f"node {stats.get('node', '?')}"
+             + (f"  generation {stats['generation']} ({stats.get('phase', '?')})" if "generation" in stats else "")]
     lines.append("  ".join(f"{name} {stats.get(name, '-')}" for name in totals))
     header = ("shard", "pid", "up", "connections", "subscriptions", "delivered", "rss MB", "degradation")
     rows = [header]

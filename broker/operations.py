@@ -287,13 +287,13 @@ class Operator:
                             "error": "cannot change in a deploy (the listening socket is kept); "
                                      "restart the broker to move it"}
             code_dir = ""
-        outcome = await self._deploy(old, config, code_dir, progress)
+        outcome = await self._deploy(old, config, code_dir, progress, rolling_back=rollback)
         if outcome["ok"] and not rollback and file:
             sup.sources.file = file
         return outcome
 
     async def _deploy(self, old: Generation, config: Config, code_dir: str, progress: Progress,
-                      depth: int = 0) -> dict[str, Any]:
+                      depth: int = 0, rolling_back: bool = False) -> dict[str, Any]:
         sup = self.sup
         started = time.monotonic()
         number = sup.allocate()
@@ -301,7 +301,8 @@ class Operator:
         sources = generation_journals(old.journal_dir, old.number)
         new = sup.new_generation(number, config, code_dir, sources, wait_for_import=True)
         new.phase = "starting"
-        old.phase = "deploying" if depth == 0 else "rolling-back"
+        # PROTOCOL.md §3 phases; the old generation keeps its phase until it stops.
+        old.phase = "rolling-back" if rolling_back or depth else "deploying"
         old.status_dirty = True
         progress(f"generation {new.number}: starting {len(new.shards)} shard(s)")
         new.start_all()
@@ -330,7 +331,6 @@ class Operator:
         new.phase = "serving"
         new.set(accepting=True)
         old.set(accepting=False)
-        old.phase = "retiring"
         sup.serving = new
         sup.config = config
         sup.history.append((code_dir, config))
@@ -350,7 +350,8 @@ class Operator:
         new.set(report_health=False)
         if why and depth == 0:
             progress(f"generation {new.number} failed during the first wave ({why}): rolling back")
-            back = await self._deploy(new, _copy(old.config), old.code_dir, progress, depth + 1)
+            new.phase = "rolling-back"
+            back = await self._deploy(new, _copy(old.config), old.code_dir, progress, depth + 1, True)
             self._retire(old)
             if back["ok"]:
                 sup.history.pop(-2)  # the failed generation is no one's "previous"

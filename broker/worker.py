@@ -49,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a reload is the supervisor's (broker.operations)
     # The supervisor's pid comes from the spec, not getppid(): a shard started
     # just as its supervisor died is already adopted by init at birth.
     parent = spec["supervisor"]

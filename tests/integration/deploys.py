@@ -141,3 +141,36 @@ def peak_per_window(times: list[float], window: float) -> int:
             low += 1
         peak = max(peak, high - low + 1)
     return peak
+
+
+class Prober:
+    """A fresh TCP connection and ``GET /healthz`` every few milliseconds from
+    a thread: a connection reset or refused while generations change hands
+    shows up as a failure."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.ok = 0
+        self.failures: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> "Prober":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(30)
+
+    def _run(self) -> None:
+        import urllib.request
+
+        while not self._stop.is_set():
+            try:
+                with urllib.request.urlopen(self.url + "/healthz", timeout=30) as response:
+                    assert response.status == 200
+                self.ok += 1
+            except Exception as exc:  # noqa: BLE001 - every failure is the finding
+                self.failures.append(repr(exc))
+            time.sleep(0.01)

@@ -13,7 +13,7 @@ import pytest
 
 from broker.testing import BrokerProcess
 
-from .deploys import ROOT, Audience, Traffic, operate, peak_per_window
+from .deploys import ROOT, Audience, Prober, Traffic, operate, peak_per_window
 from .wsclient import NativeClient
 
 pytestmark = pytest.mark.timeout(240)
@@ -36,6 +36,7 @@ def test_deploy_under_steady_traffic_loses_and_duplicates_nothing(broker_factory
     async def scenario() -> tuple[int, list[str], dict]:
         await audience.connect()
         traffic = Traffic(broker, channels, rate=80).start()
+        prober = Prober(broker.url).start()
         try:
             await asyncio.sleep(1.0)
             config.write_text("shards = 3\n" + settings)  # the new generation re-homes every channel
@@ -43,6 +44,9 @@ def test_deploy_under_steady_traffic_loses_and_duplicates_nothing(broker_factory
             await asyncio.sleep(2.0)
         finally:
             traffic.stop()
+            prober.stop()
+        # New connections all along the take-over: none refused or reset.
+        assert prober.ok > 50 and not prober.failures, prober.failures[:3]
         await audience.caught_up(traffic)
         await audience.close()
         audience.check_exactly_once(traffic)
@@ -152,6 +156,7 @@ def test_rollback_after_a_good_deploy_returns_to_the_previous_config(broker_fact
     assert mid["features"] == {"compression": {"enabled": True, "rollout": 30}} and len(mid["shards"]) == 2
     code, progress, result = rolled
     assert code == 0 and result["ok"] and result["generation"] == 3, result
+    assert mid["phase"] == "serving" and mid["generation"] == 2
     assert any("rolling back" in line for line in progress)
     view = stats(broker)
     assert view["generation"] == 3 and view["features"] == {} and len(view["shards"]) == 1
