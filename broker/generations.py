@@ -110,7 +110,7 @@ class Generation:
         self.restart_dead = not wait_for_import  # a candidate that dies fails the deploy instead
         self.stopping = False                    # being stopped: its exits are expected
         self.flags: dict[str, Any] = {"accepting": not wait_for_import, "fenced": False,
-                                      "import": not wait_for_import, "migrate": None}
+                                      "import": not wait_for_import, "migrate": None, "feed": None}
         self.endpoints = make_endpoints(config.cluster.transport, self.dir, config.shards)
         self.status_pub = ctx.socket(zmq.PUB)
         self.status_pub.setsockopt(zmq.LINGER, 0)

@@ -313,7 +313,9 @@ class Operator:
             return await self._abandon(old, new, f"generation {new.number} did not start: {why}", progress)
         progress(f"generation {new.number} booted; fencing generation {old.number} "
                  "(publications answer 503 until the hand-over ends)")
-        old.set(fenced=True)
+        # With the fence, the old shards start following the new generation's
+        # streams (broker.feed), so their clients stay live until they move.
+        old.set(fenced=True, feed=new.endpoints.pub)
         fencing = [s for s in old.shards if s.process is not None]
         why = await self._until(lambda: all(s.fenced or s.process is None for s in fencing),
                                 time.monotonic() + FENCE_TIMEOUT)
@@ -376,7 +378,7 @@ class Operator:
         which never stopped accepting, is unfenced and serves on."""
         progress(f"{reason}; tearing generation {new.number} down")
         await self._teardown(new)
-        old.set(fenced=False)
+        old.set(fenced=False, feed=None)
         old.phase = "serving"
         old.status_dirty = True
         progress(f"generation {old.number} keeps serving")

@@ -316,6 +316,10 @@ class Shard:
             if session is not None:
                 session.abort()
 
+    def subscribed_channels(self) -> set[str]:
+        """Every channel with a subscriber on this shard."""
+        return {channel for table in self._tables.values() for channel in table.channels()}
+
     async def migrate(self, wave_size: int, interval: float, max_after_ms: int) -> int:
         """A deploy's paced migration: ask ``wave_size`` clients per
         ``interval`` seconds to reconnect (each after a random 0..max_after_ms,

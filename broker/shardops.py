@@ -25,6 +25,7 @@ from typing import Any, Callable
 
 from .config import Config
 from .features import describe
+from .feed import GenerationFeed
 from .reload import apply_runtime
 
 __all__ = ["ShardOperations", "view"]
@@ -55,6 +56,7 @@ class ShardOperations:
         self.accepting: bool | None = None
         self.migration: Any = None
         self.health: Any = None
+        self.feed: GenerationFeed | None = None
 
     def follow(self, status: dict[str, Any]) -> None:
         version = status.get("config_version", 0)
@@ -65,8 +67,14 @@ class ShardOperations:
             self.fenced = fenced
             self.shard.engine.fence(fenced)
             log.info("shard %d: channel state %s", self.shard.id, "fenced" if fenced else "unfenced")
+            if not fenced and self.feed is not None:  # the deploy was abandoned
+                self.feed.close()
+                self.feed = None
         if fenced:
             self.tell({"fenced": self.shard.id, "pid": os.getpid()})
+        feed = status.get("feed")
+        if fenced and feed and self.feed is None:
+            self._start_feed(feed)
         accepting = status.get("accepting")
         if accepting is not None and accepting != self.accepting:
             was, self.accepting = self.accepting, accepting
@@ -95,6 +103,23 @@ class ShardOperations:
         log.info("shard %d: runtime config %d applied (%d history window(s) resized)",
                  self.shard.id, self.config_version, resized)
         self.tell({"applied": self.config_version, "id": self.shard.id, "pid": os.getpid()})
+
+    def _start_feed(self, endpoints: list[str]) -> None:
+        """Follow the new generation's streams for this shard's channels
+        (broker.feed), from where this shard's copy of each stands."""
+        shard = self.shard
+        delivered = getattr(shard.engine, "delivered", None)
+        if delivered is None or shard.router is None:
+            return
+        self.feed = GenerationFeed(shard, endpoints, shard.router.ctx, shard.loop)
+        followed = 0
+        for channel in shard.subscribed_channels():
+            position = delivered(channel)
+            if position is not None:
+                self.feed.follow(channel, position.epoch, position.offset)
+                followed += 1
+        log.info("shard %d: following %d channel(s) on the new generation until its clients move",
+                 shard.id, followed)
 
     async def _report_health(self) -> None:
         """While a deploy watches this (new) generation: requests, faults and

@@ -7,6 +7,7 @@ import math
 import shutil
 import signal
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -271,3 +272,33 @@ def test_a_new_generation_failing_its_first_wave_is_rolled_back(tmp_path, fault)
         assert offset == traffic.last("bill:1") + 1 if fault != "crash" else offset > traffic.last("bill:1")
     finally:
         assert broker.stop() == 0
+
+
+def test_clients_waiting_for_their_wave_stay_live(broker_factory, tmp_path):
+    config = tmp_path / "broker.toml"
+    config.write_text("allow_anonymous = true\nshards = 1\n"
+                      "[deploy]\nwave_size = 4\nwave_interval = 1.5\nmax_after_ms = 0\n")
+    broker = broker_factory("--config", str(config))
+    clients = [NativeClient(broker.ws_url) for _ in range(12)]
+    for client in clients:
+        assert client.subscribe("bill:7")["offset"] == 0
+    broker.publish("bill:7", "before")
+    for client in clients:
+        assert client.pubs(1)[0]["data"] == "before"
+    deploy = ThreadPoolExecutor(1).submit(operate, broker, "deploy")
+    deadline = time.monotonic() + 60
+    while stats(broker)["generation"] != 2:  # new connections reach the new generation only
+        assert time.monotonic() < deadline and not deploy.done(), "no take-over"
+        time.sleep(0.05)
+    assert broker.publish("bill:7", "after the take-over")["offset"] == 2
+    live = 0
+    for client in clients:
+        first = client.recv(timeout=15)
+        if first["op"] == "pub":  # fed by the new generation's stream while it waits for its wave
+            assert (first["offset"], first["data"]) == (2, "after the take-over")
+            live += 1
+            first = client.recv(timeout=15)
+        assert first["op"] == "reconnect" and first["after_ms"] == 0
+    assert live >= 4, live  # at least the last wave's clients (waves 1.5 s apart)
+    code, _, result = deploy.result(60)
+    assert code == 0 and result["ok"], result
