@@ -20,7 +20,8 @@ import re
 from .engine.cluster import home_of
 from .engine.journal import ChannelLog, Journal, read_journal
 
-__all__ = ["journal_path", "generation_journals", "latest_generation", "import_state", "remove_journals"]
+__all__ = ["journal_path", "generation_journals", "latest_generation", "import_state", "remove_journals",
+           "is_fresh"]
 
 log = logging.getLogger("broker.handover")
 

@@ -61,7 +61,11 @@ class ShardOperations:
     def follow(self, status: dict[str, Any]) -> None:
         version = status.get("config_version", 0)
         if version > self.config_version:
-            self._reload(version)
+            try:
+                self._reload(version)
+            except (OSError, ValueError, KeyError, TypeError) as exc:  # never stop following the status
+                log.error("shard %d: cannot apply config version %d: %s", self.shard.id, version, exc)
+                self.config_version = version  # the supervisor reports the missing confirmation
         fenced = bool(status.get("fenced", False))
         if fenced != self.fenced:
             self.fenced = fenced
