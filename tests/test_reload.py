@@ -170,3 +170,28 @@ def test_import_rehomes_every_channel_whatever_the_shard_counts(tmp_path, old_co
             seen[name] = log
     assert seen == channels
     assert latest_generation(str(tmp_path)) == 2
+
+
+def test_a_reload_reaches_the_memory_thresholds_a_shard_holds(tmp_path):
+    import asyncio
+    import json as jsonlib
+
+    from broker.shard import Shard
+    from broker.shardops import ShardOperations
+
+    loop = asyncio.new_event_loop()
+    try:
+        config = Config(shards=1, memory_limit_mb=100)
+        shard = Shard(config, loop=loop)
+        new = Config(shards=1, memory_limit_mb=100)
+        new.memory.level1 = 0.5
+        new.limits.max_connections = 9
+        (tmp_path / "cluster.json").write_text(jsonlib.dumps({"config": new.to_dict(), "config_version": 2}))
+        told = []
+        ShardOperations(shard, str(tmp_path), told.append, 1).follow({"config_version": 2})
+        assert shard.config.limits.max_connections == 9
+        assert shard.watch.degradation.thresholds.level1 == 0.5
+        assert told == [{"applied": 2, "id": 0, "pid": os.getpid()}]
+        shard.close()
+    finally:
+        loop.close()
