@@ -19,6 +19,7 @@ class Request:
     headers: dict[str, str] = field(default_factory=dict)  # lower-case names
     body: bytes = b""
     keep_alive: bool = True
+    peer: str = ""                                          # the client's IP address
 
     def query(self) -> dict[str, str]:
         return {k: v[-1] for k, v in parse_qs(self.query_string, keep_blank_values=True).items()}

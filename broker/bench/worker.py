@@ -115,7 +115,8 @@ class Receiver(WSListener):  # type: ignore[misc]
 
     __slots__ = ("channel", "prefix", "plen", "start", "last", "received", "duplicates", "gaps",
                  "missing", "latencies", "ready", "transport", "close_code", "errors", "unsubscribed",
-                 "reconnects", "early", "_fragments", "_sub_command", "_loop")
+                 "reconnects", "early", "_fragments", "_sub_command", "_loop",
+                 "epoch", "after_ms", "recovering", "reopen", "reconnect_delays", "_lost_ns")
 
     def __init__(self, channel: str | None, latencies: array, ready: "asyncio.Future[None] | None" = None) -> None:
         self.channel = channel
@@ -137,14 +138,29 @@ class Receiver(WSListener):  # type: ignore[misc]
         self.early = 0
         self._fragments: list[bytes] | None = None
         self._sub_command = (b'{"id":1,"op":"subscribe","channel":"%s"}' % channel.encode()) if channel else b""
+        # Following the broker's {"op":"reconnect"} (a deploy's paced migration):
+        self.epoch: str | None = None
+        self.after_ms: int | None = None          # set by a reconnect op, used at the close
+        self.recovering = False
+        self.reopen: Any = None                   # reopen(receiver, after_ms): set by the worker
+        self.reconnect_delays: list[int] = []     # ns from the close to the recovered subscribe
+        self._lost_ns = 0
 
     # picows callbacks ------------------------------------------------------------
     def on_ws_connected(self, transport: Any) -> None:
         self.transport = transport
-        if self.channel:
+        self.close_code = None
+        if self.channel and self.epoch is not None:  # a reconnection: recover what was missed
+            self.recovering = True
+            transport.send(WSMsgType.TEXT, self.recover_command())
+        elif self.channel:
             transport.send(WSMsgType.TEXT, self._sub_command)
         else:
             self._resolve(None)
+
+    def recover_command(self) -> bytes:
+        return json.dumps({"id": 2, "op": "subscribe", "channel": self.channel,
+                           "recover": {"epoch": self.epoch, "offset": self.last}}).encode()
 
     def on_ws_frame(self, transport: Any, frame: Any) -> None:
         msg_type = frame.msg_type
@@ -173,6 +189,15 @@ class Receiver(WSListener):  # type: ignore[misc]
         if self.close_code is None:
             self.close_code = 1006
         self._resolve(ConnectionError(f"disconnected ({self.close_code})"))
+        self.disconnected(_monotonic_ns())
+
+    def disconnected(self, now_ns: int) -> None:
+        """After a reconnect op, come back (as the Python Client does) once
+        ``after_ms`` has passed; the worker's ``reopen`` adds jitter and retries."""
+        after, self.after_ms = self.after_ms, None
+        if after is not None and self.reopen is not None and self.epoch is not None:
+            self._lost_ns = now_ns
+            self.reopen(self, after)
 
     # pure part ---------------------------------------------------------------------
     def feed(self, payload: bytes, now_ns: int) -> None:
@@ -231,7 +256,13 @@ class Receiver(WSListener):  # type: ignore[misc]
             data = msg.get("data")
             if isinstance(data, dict) and isinstance(data.get("ts"), int):
                 self.latencies.append(now_ns - data["ts"])
+        elif op == "subscribed" and msg.get("channel") == self.channel and self.recovering:
+            self.recovering = False
+            self.reconnect_delays.append(now_ns - self._lost_ns)
+            if msg.get("recovered") is not True or msg.get("epoch") != self.epoch:
+                self.errors.append(f"not recovered after a reconnect: {msg}")
         elif op == "subscribed" and msg.get("channel") == self.channel:
+            self.epoch = msg.get("epoch")
             self.start = self.last = int(msg.get("offset", 0))
             self.prefix = b'{"op":"pub","channel":"%s","offset":' % self.channel.encode()  # type: ignore[union-attr]
             self.plen = len(self.prefix)
@@ -244,6 +275,8 @@ class Receiver(WSListener):  # type: ignore[misc]
             self.errors.append(f"unsubscribed: {msg.get('reason')}")
         elif op == "reconnect":
             self.reconnects += 1
+            after_ms = msg.get("after_ms")
+            self.after_ms = int(after_ms) if isinstance(after_ms, (int, float)) else 0
         # pong and anything else: ignored
 
     def _resolve(self, exc: BaseException | None) -> None:
@@ -261,7 +294,8 @@ class Receiver(WSListener):  # type: ignore[misc]
             expected = max(0, final - self.start)
         return {"expected": expected, "received": self.received, "duplicates": self.duplicates,
                 "gaps": self.gaps, "missing": self.missing, "unsubscribed": self.unsubscribed,
-                "reconnects": self.reconnects, "early": self.early}
+                "reconnects": self.reconnects, "reconnected": len(self.reconnect_delays),
+                "early": self.early}
 
 
 def _install_budget(seconds: float) -> None:
@@ -422,8 +456,23 @@ async def _connect_all(ws_connect: Any, ws_url: str, spec: dict[str, Any], indic
                 if receiver.transport is not None:
                     receiver.transport.disconnect(False)
                 return
+            receiver.reopen = lambda r, after_ms, url=url: reopen(r, after_ms, url)
             receivers.append(receiver)
             state["connected"] += 1
+
+    def reopen(receiver: Receiver, after_ms: int, url: str) -> None:
+        # About after_ms plus jitter, then up to 8 attempts with backoff.
+        async def again() -> None:
+            await asyncio.sleep(after_ms / 1000 + random.uniform(0, max(0.05, after_ms / 4000)))
+            for attempt in range(8):
+                try:
+                    await ws_connect(lambda: receiver, url, websocket_handshake_timeout=15,
+                                     read_buffer_init_size=4096)
+                    return
+                except Exception as exc:  # noqa: BLE001 - counted, retried
+                    errors[f"reconnect {type(exc).__name__}: {str(exc)[:60]}"] += 1
+                    await asyncio.sleep(min(2.0, 0.05 * 2 ** attempt))
+        loop.create_task(again())
 
     await asyncio.gather(*(one(i) for i in indices))
 
