@@ -571,6 +571,45 @@ class _HttpConnection(asyncio.Protocol):
         return self.waiter
 
 
+class _BackendStream(WSListener):  # type: ignore[misc]
+    """The broker's backend stream (``GET /api/stream``) as a publisher's
+    connection: one command in flight, like a keep-alive HTTP connection,
+    so the two ways of publishing are compared at the same concurrency."""
+
+    def __init__(self) -> None:
+        self.transport: Any = None
+        self.waiter: asyncio.Future[tuple[int, bytes]] | None = None
+        self.closed = False
+
+    def on_ws_connected(self, transport: Any) -> None:
+        self.transport = transport
+
+    def on_ws_frame(self, transport: Any, frame: Any) -> None:
+        if frame.msg_type is WSMsgType.CLOSE:
+            self.closed = True
+            transport.disconnect()
+            return
+        if frame.msg_type is not WSMsgType.TEXT:
+            return
+        payload = frame.get_payload_as_bytes()
+        # a "published" reply answers like a 200 from /api/publish
+        status = 200 if b'"op":"published"' in payload else 503
+        waiter, self.waiter = self.waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result((status, payload))
+
+    def on_ws_disconnected(self, transport: Any) -> None:
+        self.closed = True
+        waiter, self.waiter = self.waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(ConnectionError("backend stream closed"))
+
+    def request(self, body: bytes) -> "asyncio.Future[tuple[int, bytes]]":
+        self.waiter = asyncio.get_running_loop().create_future()
+        self.transport.send(WSMsgType.TEXT, b'{"op":"publish",' + body[1:])
+        return self.waiter
+
+
 class _Stream:
     """One publication schedule: ``total`` publications at ``rate`` per second."""
 
@@ -607,12 +646,20 @@ async def _publisher(conn: Any, progress: Any, base: int, params: dict[str, Any]
             progress[base + SLOT_PUB_FAILED] = state["failed"]
             await asyncio.sleep(0.25)
 
-    async def connect() -> _HttpConnection:
+    over_stream = params.get("publish_over") == "stream"
+
+    async def connect() -> Any:
+        if over_stream:
+            from picows import ws_connect
+
+            _, listener = await ws_connect(_BackendStream, f"ws://{host}:{port}/api/stream",
+                                           extra_headers={"Authorization": f"apikey {api_key}"})
+            return listener
         _, proto = await loop.create_connection(_HttpConnection, host, port)
         return proto
 
     async def run_conn(stream: _Stream, t0: float, deadline: float) -> None:
-        client: _HttpConnection | None = None
+        client: Any = None
         while stream.next < stream.total and time.monotonic() < deadline:
             seq = stream.next
             stream.next += 1
@@ -624,12 +671,16 @@ async def _publisher(conn: Any, progress: Any, base: int, params: dict[str, Any]
                 if client is None or client.closed:
                     client = await asyncio.wait_for(connect(), 10)
                 body = publication_body(channel, seq, _monotonic_ns())
-                status, reply = await asyncio.wait_for(client.request(head % len(body) + body), 10)
+                request = body if over_stream else head % len(body) + body
+                status, reply = await asyncio.wait_for(client.request(request), 10)
             except Exception as exc:  # noqa: BLE001 - counted
                 state["failed"] += 1
                 statuses[type(exc).__name__] += 1
                 if client is not None and client.transport is not None:
-                    client.transport.abort()
+                    if over_stream:
+                        client.transport.disconnect(False)
+                    else:
+                        client.transport.abort()
                 client = None
                 await asyncio.sleep(0.05)
                 continue
@@ -646,7 +697,11 @@ async def _publisher(conn: Any, progress: Any, base: int, params: dict[str, Any]
                 state["failed"] += 1
                 statuses[f"{status} {reply[:60].decode('utf-8', 'replace')}"] += 1
         if client is not None and client.transport is not None:
-            client.transport.close()
+            if over_stream:
+                client.transport.send_close()
+                client.transport.disconnect()
+            else:
+                client.transport.close()
 
     ticker = loop.create_task(publish_progress())
     conn.send(("ready", os.getpid()))
