@@ -177,7 +177,7 @@ def _stats_table(stats: dict[str, Any]) -> str:
     lines.append("")
     for row in rows:
         lines.append("  ".join(cell.rjust(width) if i else cell.ljust(width)
-                               for i, (cell, width) in enumerate(zip(row, widths))).rstrip())
+                               for i, (cell, width) in enumerate(zip(row, widths, strict=True))).rstrip())
     return "\n".join(lines)
 
 

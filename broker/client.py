@@ -167,7 +167,7 @@ class Publisher(_Api):
         with self._lock:
             self._drop()
 
-    def __enter__(self) -> "Publisher":
+    def __enter__(self) -> Publisher:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -278,7 +278,7 @@ class AsyncPublisher(_Api):
         async with self._lock:
             self._drop()
 
-    async def __aenter__(self) -> "AsyncPublisher":
+    async def __aenter__(self) -> AsyncPublisher:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -437,7 +437,7 @@ class Client:
             return None
         return sub.epoch, sub.offset
 
-    async def connect(self) -> "Client":
+    async def connect(self) -> Client:
         """Open the connection; AuthError when the broker refuses the token."""
         if self._reader is not None:
             raise RuntimeError("Client.connect() called twice")
@@ -501,7 +501,7 @@ class Client:
             await self._ws.close()  # opened by a reconnect racing with close()
         self._fail_pending(ConnectionError("client closed"))
 
-    async def __aenter__(self) -> "Client":
+    async def __aenter__(self) -> Client:
         return await self.connect()
 
     async def __aexit__(self, *exc: object) -> None:

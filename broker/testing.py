@@ -62,7 +62,7 @@ class BrokerProcess:
                 "--port", str(self.port), "--api-key", self.api_key,
                 "--jwt-secret", self.jwt_secret, *self.args]
 
-    def start(self, timeout: float = 20.0) -> "BrokerProcess":
+    def start(self, timeout: float = 20.0) -> BrokerProcess:
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
         log = open(self.log_path, "wb") if self.log_path else subprocess.DEVNULL
         self.process = subprocess.Popen(self.command(), env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -114,7 +114,7 @@ class BrokerProcess:
                 raise
         return self.process.returncode
 
-    def __enter__(self) -> "BrokerProcess":
+    def __enter__(self) -> BrokerProcess:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

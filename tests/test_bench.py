@@ -245,5 +245,6 @@ def test_cli_rejects_unknown_workload_and_target():
 
 
 def test_cli_w2_against_url_needs_a_secret():
-    result = CliRunner().invoke(bench, ["--workload", "w2", "--url", "http://127.0.0.1:1"], env={"BROKER_JWT_SECRET": ""})
+    result = CliRunner().invoke(bench, ["--workload", "w2", "--url", "http://127.0.0.1:1"],
+                                env={"BROKER_JWT_SECRET": ""})
     assert result.exit_code == 2 and "jwt-secret" in result.output

@@ -59,7 +59,7 @@ def run_bench(*, workloads: list[str], targets: list[str], connections: int | No
             try:
                 target = _start(name, w.name, spawn=spawn, url=url, http_url=http_url, pid=pid, api_key=api_key,
                                 jwt_secret=jwt_secret, shards=shards, log_dir=log_dir)
-            except Exception as exc:  # noqa: BLE001 - say so, go on with the others
+            except Exception as exc:
                 record = stats.finish_result({**stats.empty_result(name, w.name),
                                               "errors": [f"start failed: {type(exc).__name__}: {exc}"]})
                 results.append(record)

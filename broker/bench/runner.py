@@ -18,8 +18,9 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
-from typing import Any, Callable, TextIO
+from typing import Any, TextIO
 
 import psutil
 
@@ -187,7 +188,7 @@ class _Workers:
 
     def stop(self) -> None:
         """Close every worker; end the ones that do not by their pid."""
-        for proc, pipe in self.all:
+        for _proc, pipe in self.all:
             try:
                 pipe.send(("exit",))
             except (OSError, ValueError):
@@ -365,7 +366,7 @@ def run_workload(target: Target, w: Workload, opts: RunOptions) -> dict[str, Any
                 _expect(pipe, "closed", 10)
             except (TimeoutError, RuntimeError, EOFError, OSError):
                 pass
-    except Exception as exc:  # noqa: BLE001 - the record says what went wrong; the caller goes on
+    except Exception as exc:  # the record says what went wrong; the caller goes on
         result["errors"].append(f"run failed: {type(exc).__name__}: {exc}")
         progress.done(f"FAILED: {type(exc).__name__}: {exc}")
     finally:

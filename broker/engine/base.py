@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
-from typing import Callable
+from collections.abc import Callable
 
 __all__ = ["Engine", "Position", "Recovery", "DeliverFn"]
 
@@ -65,14 +65,14 @@ class Engine(abc.ABC):
     def ready(self) -> bool:
         """True when publishing and subscribing can succeed now."""
 
-    def release(self, channel: str) -> None:
+    def release(self, channel: str) -> None:  # noqa: B027 - an optional hook: most engines keep nothing per channel
         """The last local subscriber of ``channel`` left."""
 
     def sweep(self, is_active: Callable[[str], bool]) -> int:
         """Forget idle channel state (none is active locally); returns how many."""
         return 0
 
-    def resync_home(self, shard_id: int) -> None:
+    def resync_home(self, shard_id: int) -> None:  # noqa: B027 - an optional hook: only a cluster has homes
         """Shard ``shard_id`` was restarted: re-check the streams it sequences."""
 
     def stats(self) -> dict[str, int]:

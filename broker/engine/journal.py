@@ -38,7 +38,7 @@ import struct
 import zlib
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 __all__ = ["Journal", "ChannelLog", "JournalError", "FORMAT_VERSION"]
 
@@ -270,7 +270,7 @@ class Journal:
             os.close(self._lock_fd)   # releases the flock
             self._lock_fd = -1
 
-    def __enter__(self) -> "Journal":
+    def __enter__(self) -> Journal:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -248,7 +248,7 @@ class Scripted:
         self.connections: asyncio.Queue[ServerConnection] = asyncio.Queue()
         self.refuse = refuse
 
-    async def __aenter__(self) -> "Scripted":
+    async def __aenter__(self) -> Scripted:
         def process_request(connection: ServerConnection, request: Any) -> Any:
             if self.refuse:
                 return connection.respond(self.refuse, json.dumps({"error": "bad token"}) + "\n")
