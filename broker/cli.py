@@ -74,7 +74,7 @@ _SERVE_SETTINGS = ("host", "port", "shards", "api_key", "jwt_secret", "allow_ano
 @click.option("--compression/--no-compression", default=None, help="Accept permessage-deflate [on].")
 @click.option("--log-level", metavar="LEVEL", help="debug, info, warning, error, critical [info].")
 @click.pass_context
-def serve(ctx: click.Context, config_file: str | None, **values: Any) -> None:
+def serve(ctx: click.Context, /, config_file: str | None, **values: Any) -> None:
     """Run the broker until SIGTERM/SIGINT (then drain and exit 0)."""
     given = {name: values[name] for name in _SERVE_SETTINGS
              if ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE}

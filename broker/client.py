@@ -513,7 +513,7 @@ class Client:
         token = self.token() if callable(self.token) else self.token
         if inspect.isawaitable(token):
             token = await token
-        return token  # type: ignore[return-value]
+        return token
 
     async def _open(self) -> None:
         token = await self._token()
@@ -816,7 +816,7 @@ class Client:
                 logger.exception("subscription handler %r failed", function)
 
 
-def _error_text(body: bytes | None) -> str:
+def _error_text(body: bytes | bytearray | None) -> str:
     if not body:
         return ""
     try:

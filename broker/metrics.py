@@ -118,5 +118,5 @@ class _ShardCollector:
 def render(shards: list[dict[str, Any]]) -> tuple[bytes, str]:
     """The text exposition of every shard's stats, labelled by shard id."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(_ShardCollector(shards))  # type: ignore[arg-type]
+    registry.register(_ShardCollector(shards))
     return generate_latest(registry), CONTENT_TYPE_LATEST

@@ -13,6 +13,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from typing import Any
 
 from .sockets import free_port
 from dataclasses import dataclass, field
@@ -46,7 +47,7 @@ class BrokerProcess:
     jwt_secret: str = "test-jwt-secret-long-enough-for-hs256!"
     port: int = field(default_factory=free_port)
     host: str = "127.0.0.1"
-    process: subprocess.Popen | None = None
+    process: subprocess.Popen[bytes] | None = None
     log_path: str | None = None
 
     @property
@@ -88,7 +89,7 @@ class BrokerProcess:
         return http_json(method, self.url + path, body,
                          {"Authorization": f"apikey {self.api_key}", **(headers or {})})
 
-    def publish(self, channel: str, data: object) -> dict:
+    def publish(self, channel: str, data: object) -> dict[str, Any]:
         status, reply = self.api("POST", "/api/publish", {"channel": channel, "data": data})
         if status != 200:
             raise AssertionError(f"publish failed: {status} {reply}")

@@ -6,7 +6,6 @@ register the command; the runner and its workers load when the command runs.
 from __future__ import annotations
 
 import sys
-from typing import Any
 
 import click
 
@@ -87,11 +86,4 @@ def bench(workloads: tuple[str, ...], connections: int | None, rate: float | Non
     )
     sys.exit(code)
 
-
-def _main() -> Any:  # pragma: no cover - `python -m broker.bench`
-    return bench(prog_name="broker bench")
-
-
-if __name__ == "__main__":  # pragma: no cover
-    _main()
 

@@ -29,6 +29,7 @@ def _start(name: str, workload_name: str, *, spawn: bool, url: str | None, http_
     log = _log_path(log_dir, name, workload_name)
     if name == "broker":
         if spawn:
+            assert api_key is not None and jwt_secret is not None, "run_bench makes them up when it spawns"
             return spawn_broker(shards=shards, api_key=api_key, jwt_secret=jwt_secret, log_path=log)
         assert url is not None
         return attach(url, http_url, pid)

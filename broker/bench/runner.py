@@ -170,7 +170,7 @@ class _Workers:
         return sum(self.progress[i * SLOTS + slot_index] for i in range(n))
 
     def published(self) -> int:
-        return self.progress[len(self.receivers) * SLOTS + SLOT_PUBLISHED]
+        return int(self.progress[len(self.receivers) * SLOTS + SLOT_PUBLISHED])
 
     @property
     def all(self) -> list[tuple[Any, Any]]:
@@ -224,7 +224,7 @@ def _http_parts(http_url: str) -> tuple[str, int]:
 
 
 def _streams(w: Workload, opts: RunOptions) -> list[dict[str, Any]]:
-    streams = []
+    streams: list[dict[str, Any]] = []
     for name, rate, channels in (("fanout", w.fanout_rate, 0), ("users", w.user_rate, w.user_connections)):
         total = _count(rate, w.duration)
         if total <= 0:

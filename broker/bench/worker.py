@@ -86,14 +86,14 @@ def publication_body(channel: str, seq: int, ts_ns: int) -> bytes:
 
 try:  # picows is needed by the receivers only; keep the pure parts importable without it
     from picows import WSListener, WSMsgType, WSCloseCode
-except ImportError:  # pragma: no cover
+except ImportError:  # pragma: no cover - picows comes with the test extra, which the suite runs under
     WSListener = object  # type: ignore[misc,assignment]
-    WSMsgType = WSCloseCode = None  # type: ignore[assignment]
+    WSMsgType = WSCloseCode = None  # type: ignore[misc,assignment]
 
 _NEVER = b"\x00never"
 
 
-class Receiver(WSListener):  # type: ignore[misc]
+class Receiver(WSListener):
     """One client connection subscribed to (at most) one channel.
 
     ``feed(payload, now_ns)`` is the whole per-frame work and has no I/O,
@@ -107,7 +107,7 @@ class Receiver(WSListener):  # type: ignore[misc]
                  "missing", "latencies", "ready", "transport", "close_code", "errors", "unsubscribed",
                  "reconnects", "early", "_fragments", "_sub_command", "_loop")
 
-    def __init__(self, channel: str | None, latencies: array, ready: asyncio.Future[None] | None = None) -> None:
+    def __init__(self, channel: str | None, latencies: array[int], ready: asyncio.Future[None] | None = None) -> None:
         self.channel = channel
         self.prefix = _NEVER
         self.plen = len(_NEVER)
@@ -260,10 +260,11 @@ def _install_budget(seconds: float) -> None:
 
 
 def _new_loop() -> asyncio.AbstractEventLoop:
+    loop: asyncio.AbstractEventLoop
     try:
         import uvloop
         loop = uvloop.new_event_loop()
-    except ImportError:  # pragma: no cover
+    except ImportError:  # pragma: no cover - uvloop is a dependency on every platform the bench runs on
         loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
     return loop
@@ -297,7 +298,8 @@ class _Commands:
                 return
 
     async def next(self) -> tuple[Any, ...]:
-        return await self.queue.get()
+        item: tuple[Any, ...] = await self.queue.get()
+        return item
 
 
 def _cpu_seconds() -> float:
@@ -387,7 +389,7 @@ def _mint_tokens(spec: dict[str, Any], indices: list[int], secret: str | None) -
 
 
 async def _connect_all(ws_connect: Any, ws_url: str, spec: dict[str, Any], indices: list[int],
-                       tokens: dict[int, str], latencies: array, receivers: list[Receiver],
+                       tokens: dict[int, str], latencies: array[int], receivers: list[Receiver],
                        errors: Counter[str], state: dict[str, int], concurrency: int) -> None:
     loop = asyncio.get_running_loop()
     gate = asyncio.Semaphore(max(1, concurrency))
@@ -441,9 +443,7 @@ def _process_main(main: Any, conn: Any, progress: Any, base: int, params: dict[s
     loop = _new_loop()
     try:
         loop.run_until_complete(main(conn, progress, base, params))
-    except KeyboardInterrupt:  # pragma: no cover
-        pass
-    finally:
+    finally:  # no KeyboardInterrupt to catch: _install_budget ignores SIGINT here
         try:
             conn.close()
         except OSError:

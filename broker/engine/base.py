@@ -41,7 +41,7 @@ class Engine(abc.ABC):
     # lost(channel, reason): the stream of a channel with local subscribers
     # cannot continue (epoch changed, gap not in history): the shard tells
     # its subscribers ("unsubscribed" with the reason) and drops them.
-    lost: Callable[[str, str], None] = staticmethod(lambda channel, reason: None)  # type: ignore[assignment]
+    lost: Callable[[str, str], None] = staticmethod(lambda channel, reason: None)
 
     @abc.abstractmethod
     async def publish(self, channel: str, data_json: bytes) -> Position:
