@@ -159,4 +159,23 @@ def test_stats_table_format():
     assert lines[3].split() == ["shard", "pid", "up", "connections", "subscriptions", "delivered",
                                 "rss", "MB", "degradation"]
     assert lines[4].split() == ["0", "123", "yes", "3", "5", "20", "50.0", "0"]
-    json.dumps(table)  # plain text
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(table)  # the default output is for people; --json is for programs
+
+
+def test_stats_table_shows_a_down_shard_and_aligns_columns():
+    from broker.cli import _stats_table
+
+    table = _stats_table({"node": "n1", "shards": [
+        {"id": 0, "pid": 123456, "up": True, "connections": 1200, "subscriptions": 5, "delivered": 7,
+         "rss_bytes": 1024 * 1024, "degradation": 0},
+        {"id": 1, "up": False},
+    ]})
+    lines = table.splitlines()
+    assert lines[1].split() == ["connections", "-", "subscriptions", "-", "channels", "-", "published", "-",
+                                "delivered", "-"]
+    assert lines[5].split() == ["1", "-", "no", "-", "-", "-", "-", "-"]
+    header, up_row, down_row = lines[3], lines[4], lines[5]
+    # Right-aligned numeric columns: every row's "connections" cell ends where the header's does.
+    end = header.index("connections") + len("connections")
+    assert up_row[:end].endswith("1200") and down_row[:end].endswith("-")
