@@ -33,10 +33,10 @@ def _print_version(ctx: click.Context, _param: click.Parameter, value: bool) -> 
     if not value or ctx.resilient_parsing:
         return
     click.echo(f"broker {__version__}")
-    try:
-        from broker._fastpath import IMPLEMENTATION
-    except ImportError as exc:  # a broken install: say so rather than crash
-        IMPLEMENTATION = f"unavailable ({exc})"
+    # No fallback for a fastpath that does not import: the package itself
+    # (broker/__init__ -> server) imports it before this module can run.
+    from broker._fastpath import IMPLEMENTATION
+
     click.echo(f"fastpath: {IMPLEMENTATION}")
     ctx.exit(0)
 

@@ -180,3 +180,10 @@ def test_stats_table_shows_a_down_shard_and_aligns_columns():
     # Right-aligned numeric columns: every row's "connections" cell ends where the header's does.
     end = header.index("connections") + len("connections")
     assert up_row[:end].endswith("1200") and down_row[:end].endswith("-")
+
+
+def test_token_with_an_empty_secret_and_publish_to_a_bad_url_name_the_problem():
+    result = run("token", "--jwt-secret", "", "--sub", "alice")
+    assert result.returncode == 2 and "error: jwt_secret: must not be empty" in result.stderr
+    result = run("publish", "--url", "ftp://127.0.0.1:1", "bill:1", "1")
+    assert result.returncode == 2 and "error: url: broker URL must be http:// or https://" in result.stderr
