@@ -3,6 +3,7 @@ offset/gap counting, the receivers' per-frame accounting, result records,
 tables, ratios, workload overrides and the CLI's surface."""
 from __future__ import annotations
 
+import io
 import json
 from array import array
 
@@ -248,3 +249,26 @@ def test_cli_w2_against_url_needs_a_secret():
     result = CliRunner().invoke(bench, ["--workload", "w2", "--url", "http://127.0.0.1:1"],
                                 env={"BROKER_JWT_SECRET": ""})
     assert result.exit_code == 2 and "jwt-secret" in result.output
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_rewrites_one_line_on_a_terminal_and_writes_lines_elsewhere():
+    from broker.bench.runner import _Progress
+
+    tty = _Terminal()
+    progress = _Progress(tty, "[broker w1]")
+    progress.update("connecting 1/2", force=True)
+    progress.update("connecting 2/2")  # within 0.2 s of the last: not redrawn
+    progress.done("ok")
+    assert tty.getvalue() == "\r\x1b[K[broker w1] connecting 1/2\r\x1b[K[broker w1] ok\n"
+    plain = io.StringIO()
+    progress = _Progress(plain, "[broker w1]")
+    progress.update("connecting 1/2", force=True)
+    progress.update("connecting 2/2")  # within 3 s: not repeated
+    progress.done("ok")
+    assert plain.getvalue() == "[broker w1] connecting 1/2\n[broker w1] ok\n"
+    assert progress.bar(1, 4, width=8) == "[##......]  25.0%" and progress.bar(1, 0, width=2) == "[..]   0.0%"
