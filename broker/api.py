@@ -79,7 +79,7 @@ async def handle(shard: ApiHost, request: Request) -> Response:
         except ProtocolViolation as exc:
             return error_response(exc.code, exc.message)
         except EngineUnavailable as exc:
-            return error_response(503, f"engine unavailable: {exc}", headers=(("Retry-After", "1"),))
+            return error_response(503, f"{exc.label}: {exc}", headers=(("Retry-After", "1"),))
     if allowed:
         return error_response(405, f"{request.path} takes {', '.join(allowed)}",
                               headers=(("Allow", ", ".join(allowed)),))
@@ -221,14 +221,15 @@ async def history(shard: ApiHost, request: Request, match: re.Match[str]) -> Res
 
 @route("GET", "/api/stats")
 async def stats(shard: ApiHost, request: Request, match: re.Match[str]) -> Response:
-    return json_response(200, node_stats(shard.node_id, await shard.cluster_stats()))
+    return json_response(200, node_stats(shard.node_id, await shard.cluster_stats(),
+                                         (shard.config.memory_limit_mb or 0) * 2**20))
 
 
-def node_stats(node: str, shards: list[dict[str, Any]]) -> dict[str, Any]:
+def node_stats(node: str, shards: list[dict[str, Any]], memory_limit_bytes: int = 0) -> dict[str, Any]:
     """The cluster view of PROTOCOL.md §3: node totals, then each shard."""
     totals = {key: sum(s[key] for s in shards)
               for key in ("connections", "subscriptions", "channels", "published", "delivered")}
-    return {"node": node, **totals, "shards": shards}
+    return {"node": node, **totals, "memory_limit_bytes": memory_limit_bytes, "shards": shards}
 
 
 @route("GET", "/healthz", needs_key=False)
@@ -252,6 +253,7 @@ async def metrics(shard: ApiHost, request: Request, match: re.Match[str]) -> Res
     return Response(200, body, content_type=content_type)
 
 
+@route("GET", "/api/stream", needs_key=False)
 @route("GET", "/ws", needs_key=False)
 async def websocket_without_upgrade(shard: ApiHost, request: Request, match: re.Match[str]) -> Response:
     """A plain GET of the WebSocket endpoint: say how to talk to it."""

@@ -39,6 +39,7 @@ class Identity:
     user: str | None
     channels: frozenset[str] = frozenset()   # extra channels the token grants
     anonymous: bool = False
+    expires: float | None = None             # the token's exp (unix seconds); None: never
 
 
 ANONYMOUS = Identity(user=None, channels=frozenset(), anonymous=True)
@@ -110,7 +111,9 @@ def verify_token(token: str | None, config: Config) -> Identity:
     channels = claims.get("channels", [])
     if not isinstance(channels, list) or not all(isinstance(c, str) for c in channels):
         raise AuthError("token 'channels' claim must be a list of channel names")
-    return Identity(user=sub, channels=frozenset(channels), anonymous=False)
+    exp = claims.get("exp")
+    expires = float(exp) if isinstance(exp, (int, float)) and not isinstance(exp, bool) else None
+    return Identity(user=sub, channels=frozenset(channels), anonymous=False, expires=expires)
 
 
 def check_api_key(header_value: str | None, config: Config) -> bool:

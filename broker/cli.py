@@ -53,7 +53,7 @@ def main() -> None:
 # Flags of `serve` that map to a top-level config key (values as text).
 _SERVE_SETTINGS = ("host", "port", "shards", "api_key", "jwt_secret", "allow_anonymous", "redis_url",
                    "memory_limit_mb", "state_dir", "drain_timeout", "flush_interval", "compression",
-                   "log_level")
+                   "log_level", "tls_cert", "tls_key")
 
 
 @main.command()
@@ -73,6 +73,8 @@ _SERVE_SETTINGS = ("host", "port", "shards", "api_key", "jwt_secret", "allow_ano
 @click.option("--flush-interval", metavar="SECONDS", help="Batching window, 0 = end of loop turn [0].")
 @click.option("--compression/--no-compression", default=None, help="Accept permessage-deflate [on].")
 @click.option("--log-level", metavar="LEVEL", help="debug, info, warning, error, critical [info].")
+@click.option("--tls-cert", metavar="FILE", help="PEM certificate chain: serve wss:// and https:// [off].")
+@click.option("--tls-key", metavar="FILE", help="PEM private key of --tls-cert.")
 @click.pass_context
 def serve(ctx: click.Context, /, config_file: str | None, **values: Any) -> None:
     """Run the broker until SIGTERM/SIGINT (then drain and exit 0)."""
@@ -200,6 +202,7 @@ def _summary(config: Config) -> str:
     lines = [
         f"listen {config.host}:{config.port}, {config.shards} shard(s)",
         f"engine {'redis ' + config.redis_url if config.redis_url else 'memory (one host)'}",
+        f"tls {'on (' + config.tls_cert + ')' if config.tls_cert else 'off'}",
         f"server API {'protected by an API key' if config.api_key else 'OPEN (no api_key)'}",
         f"tokens {'HS256 secret' if config.jwt_secret else 'no secret'}"
         f"{', RS256 public key' if config.jwt.public_key else ''}; "

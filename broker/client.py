@@ -36,6 +36,7 @@ from websockets.asyncio.client import ClientConnection, connect as ws_connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
 from broker.errors import AuthError, ProtocolViolation, PublishError
+from broker.streamlink import AsyncStreamLink, StreamLink, stream_reply
 
 __all__ = ["Publisher", "AsyncPublisher", "Client", "Publication"]
 
@@ -122,6 +123,20 @@ class _Api:
     def _stats(self) -> tuple[str, str, bytes | None]:
         return "GET", "/api/stats", None
 
+    # The same calls as backend-stream commands (PROTOCOL.md §3, /api/stream).
+    @staticmethod
+    def _publish_command(channel: str, data: object) -> dict[str, Any]:
+        return {"op": "publish", "channel": channel, "data": data}
+
+    @staticmethod
+    def _broadcast_command(channels: Iterable[str], data: object) -> dict[str, Any]:
+        return {"op": "broadcast", "channels": list(channels), "data": data}
+
+    @staticmethod
+    def _batch_results(replies: list[dict[str, Any]]) -> dict[str, Any]:
+        """Batch replies shaped as /api/publish/batch answers; the first error raises."""
+        return {"results": [stream_reply(reply) for reply in replies]}
+
 
 class Publisher(_Api):
     """The server API (PROTOCOL.md §3), synchronous and thread-safe.
@@ -130,30 +145,45 @@ class Publisher(_Api):
     the server dropped while idle is reopened once, transparently.
     """
 
-    def __init__(self, url: str = DEFAULT_URL, api_key: str | None = None, timeout: float = 10.0) -> None:
+    def __init__(self, url: str = DEFAULT_URL, api_key: str | None = None, timeout: float = 10.0,
+                 stream: bool = False) -> None:
         super().__init__(url, api_key, timeout)
         self._conn: http.client.HTTPConnection | None = None
         self._lock = threading.Lock()
+        # stream=True: publications go over the backend stream (one WebSocket)
+        self._stream = StreamLink(url, api_key, timeout) if stream else None
 
     def publish(self, channel: str, data: object) -> dict[str, Any]:
         """``{"channel","epoch","offset"}`` once the publication is stored."""
+        if self._stream is not None:
+            return self._stream.call(self._publish_command(channel, data))
         return self._call(*self._publish(channel, data))
 
     def broadcast(self, channels: Iterable[str], data: object) -> dict[str, Any]:
         """``{"results": [{"channel","offset"}, ...]}``; all or nothing."""
+        if self._stream is not None:
+            return self._stream.call(self._broadcast_command(channels, data))
         return self._call(*self._broadcast(channels, data))
 
     def publish_batch(self, publications: Iterable[tuple[str, object]]) -> dict[str, Any]:
         """Many ``(channel, data)`` publications in one request:
-        ``{"results": [{"channel","epoch","offset"}, ...]}`` in order; all or nothing."""
+        ``{"results": [{"channel","epoch","offset"}, ...]}`` in order; all or
+        nothing over HTTP (over the stream, each is its own command)."""
+        if self._stream is not None:
+            return self._batch_results(self._stream.call_many(
+                [self._publish_command(channel, data) for channel, data in publications]))
         return self._call(*self._batch(publications))
 
     def broadcast_bill_update(self, bill_id: object, update: object) -> dict[str, Any]:
         """Publish ``update`` to ``bill:<bill_id>``."""
+        if self._stream is not None:
+            return self.publish(f"bill:{bill_id}", update)
         return self._call(*self._bill(bill_id, update))
 
     def send_user_notification(self, user_id: object, notification: object) -> dict[str, Any]:
         """Publish ``notification`` to ``user:<user_id>``."""
+        if self._stream is not None:
+            return self.publish(f"user:{user_id}", notification)
         return self._call(*self._notify(user_id, notification))
 
     def history(self, channel: str, since: int = 0, limit: int | None = None) -> dict[str, Any]:
@@ -166,6 +196,8 @@ class Publisher(_Api):
     def close(self) -> None:
         with self._lock:
             self._drop()
+        if self._stream is not None:
+            self._stream.close()
 
     def __enter__(self) -> Publisher:
         return self
@@ -247,25 +279,40 @@ class AsyncPublisher(_Api):
     flight). A cancelled call closes the connection (its state is unknown).
     """
 
-    def __init__(self, url: str = DEFAULT_URL, api_key: str | None = None, timeout: float = 10.0) -> None:
+    def __init__(self, url: str = DEFAULT_URL, api_key: str | None = None, timeout: float = 10.0,
+                 stream: bool = False) -> None:
         super().__init__(url, api_key, timeout)
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._lock = asyncio.Lock()
+        # stream=True: publications go over the backend stream, pipelined
+        # (concurrent calls do not wait for each other's replies).
+        self._stream = AsyncStreamLink(url, api_key, timeout) if stream else None
 
     async def publish(self, channel: str, data: object) -> dict[str, Any]:
+        if self._stream is not None:
+            return await self._stream.call(self._publish_command(channel, data))
         return await self._call(*self._publish(channel, data))
 
     async def broadcast(self, channels: Iterable[str], data: object) -> dict[str, Any]:
+        if self._stream is not None:
+            return await self._stream.call(self._broadcast_command(channels, data))
         return await self._call(*self._broadcast(channels, data))
 
     async def publish_batch(self, publications: Iterable[tuple[str, object]]) -> dict[str, Any]:
+        if self._stream is not None:
+            return self._batch_results(await self._stream.call_many(
+                [self._publish_command(channel, data) for channel, data in publications]))
         return await self._call(*self._batch(publications))
 
     async def broadcast_bill_update(self, bill_id: object, update: object) -> dict[str, Any]:
+        if self._stream is not None:
+            return await self.publish(f"bill:{bill_id}", update)
         return await self._call(*self._bill(bill_id, update))
 
     async def send_user_notification(self, user_id: object, notification: object) -> dict[str, Any]:
+        if self._stream is not None:
+            return await self.publish(f"user:{user_id}", notification)
         return await self._call(*self._notify(user_id, notification))
 
     async def history(self, channel: str, since: int = 0, limit: int | None = None) -> dict[str, Any]:
@@ -277,6 +324,8 @@ class AsyncPublisher(_Api):
     async def aclose(self) -> None:
         async with self._lock:
             self._drop()
+        if self._stream is not None:
+            await self._stream.aclose()
 
     async def __aenter__(self) -> AsyncPublisher:
         return self

@@ -24,6 +24,7 @@ __all__ = [
     "Namespace",
     "JwtSettings",
     "Cluster",
+    "Memory",
     "default_namespaces",
     "load_config",
     "ENV_VARS",
@@ -68,6 +69,26 @@ class Limits:
     max_header_count: int = 100              # more => 431
     max_header_bytes: int = 16384            # request head larger => 431
     max_connections: int = 100000            # per shard; more => 503 at upgrade
+    ping_interval: float = 25.0              # seconds of client silence before a server Ping
+    ping_timeout: float = 20.0               # seconds after the Ping before the connection is dropped
+    subscriptions_per_connection: int = 1000 # the subscribe beyond it => error 429
+    commands_per_second: int = 100          # per connection, burst of the same size; beyond => 429
+    connections_per_ip: int = 1000           # across the host's shards; beyond => HTTP 429 at upgrade
+    channels_per_shard: int = 100000         # channel states a shard keeps; a new one beyond => 503
+    inbound_pending_commands: int = 1024     # unprocessed commands per connection before reading pauses
+
+
+@dataclass
+class Memory:
+    """Degradation thresholds: fractions of each shard's share of
+    ``memory_limit_mb`` where levels 1, 2 and 3 begin, and the gap RSS must
+    fall below a threshold before its level is left (PROTOCOL.md §3)."""
+
+    level1: float = 0.75                     # shrink caches, history windows, idle buffers
+    level2: float = 0.85                     # cut the connections with the most pending bytes (1013)
+    level3: float = 0.95                     # refuse upgrades and publishes (503), /readyz 503
+    hysteresis: float = 0.05                 # fraction of the budget
+    check_interval: float = 1.0              # seconds between RSS measurements
 
 
 @dataclass
@@ -86,6 +107,7 @@ class Cluster:
     request_timeout: float = 3.0             # seconds a shard waits for another's answer
     high_water_mark: int = 100000            # ZeroMQ messages queued per peer before dropping
     restart_backoff_max: float = 30.0        # seconds between restarts of a shard that keeps dying
+    sweep_interval: float = 30.0             # seconds between sweeps of idle channel state
 
 
 @dataclass
@@ -98,6 +120,8 @@ class Config:
     allow_anonymous: bool = False
     redis_url: str | None = None
     memory_limit_mb: int | None = None
+    tls_cert: str | None = None              # PEM certificate chain: serve wss:// and https://
+    tls_key: str | None = None               # PEM private key of tls_cert
     state_dir: str | None = None             # where shards journal channel state; None = the run dir (gone at exit)
     drain_timeout: float = 10.0              # seconds for a graceful stop
     flush_interval: float = 0.0              # batching window in seconds; 0 = end of loop turn
@@ -107,6 +131,7 @@ class Config:
     jwt: JwtSettings = field(default_factory=JwtSettings)
     namespaces: dict[str, Namespace] = field(default_factory=default_namespaces)
     cluster: Cluster = field(default_factory=Cluster)
+    memory: Memory = field(default_factory=Memory)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data (JSON-safe) for handing the config to a shard process."""
@@ -115,11 +140,11 @@ class Config:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "Config":
         """The inverse of ``to_dict`` (no validation: the data came from a Config)."""
-        top = {k: v for k, v in data.items() if k not in ("limits", "jwt", "namespaces", "cluster")}
+        top = {k: v for k, v in data.items() if k not in ("limits", "jwt", "namespaces", "cluster", "memory")}
         jwt = dict(data["jwt"])
         jwt["algorithms"] = tuple(jwt["algorithms"])
         return cls(**top, limits=Limits(**data["limits"]), jwt=JwtSettings(**jwt),
-                   cluster=Cluster(**data["cluster"]),
+                   cluster=Cluster(**data["cluster"]), memory=Memory(**data.get("memory", {})),
                    namespaces={k: Namespace(**v) for k, v in data["namespaces"].items()})
 
     def namespace_for(self, channel: str) -> Namespace | None:
@@ -257,6 +282,8 @@ TOP_LEVEL: dict[str, Callable[[str, Any, bool], Any]] = {
     "allow_anonymous": _bool,
     "redis_url": _redis_url,
     "memory_limit_mb": _int(1),
+    "tls_cert": _str,
+    "tls_key": _str,
     "state_dir": _str,
     "drain_timeout": _float(0.0),
     "flush_interval": _float(0.0),
@@ -287,6 +314,27 @@ CLUSTER: dict[str, Callable[[str, Any, bool], Any]] = {
     "request_timeout": _float(0.0, strict=True),
     "high_water_mark": _int(1),
     "restart_backoff_max": _float(0.0, strict=True),
+    "sweep_interval": _float(0.0, strict=True),
+}
+
+def _fraction(strict: bool) -> Callable[[str, Any, bool], float]:
+    """A share of the memory budget: (0, 1], or [0, 1] when not ``strict``."""
+    number = _float(0.0, strict=strict)
+
+    def parse(key: str, value: Any, text: bool) -> float:
+        value = number(key, value, text)
+        if value > 1.0:
+            raise ConfigError(key, f"must be a fraction of the budget, at most 1, got {value:g}")
+        return value
+    return parse
+
+
+MEMORY: dict[str, Callable[[str, Any, bool], Any]] = {
+    "level1": _fraction(strict=True),
+    "level2": _fraction(strict=True),
+    "level3": _fraction(strict=True),
+    "hysteresis": _fraction(strict=False),
+    "check_interval": _float(0.0, strict=True),
 }
 
 NAMESPACE: dict[str, Callable[[str, Any, bool], Any]] = {
@@ -353,6 +401,8 @@ def _apply_file(config: Config, data: dict[str, Any]) -> None:
             config.jwt = _apply_section(config.jwt, "jwt", table, JWT)
         elif name == "cluster":
             config.cluster = _apply_section(config.cluster, "cluster", _table("cluster", value), CLUSTER)
+        elif name == "memory":
+            config.memory = _apply_section(config.memory, "memory", _table("memory", value), MEMORY)
         elif name == "namespaces":
             for ns_name, ns_table in _table("namespaces", value).items():
                 key = f"namespaces.{ns_name}"
@@ -361,7 +411,7 @@ def _apply_file(config: Config, data: dict[str, Any]) -> None:
                 base = config.namespaces.get(ns_name) or Namespace(ns_name)
                 config.namespaces[ns_name] = _apply_section(base, key, _table(key, ns_table), NAMESPACE)
         else:
-            known = [*TOP_LEVEL, "limits", "jwt", "cluster", "namespaces"]
+            known = [*TOP_LEVEL, "limits", "jwt", "cluster", "memory", "namespaces"]
             raise ConfigError(name, f"unknown key (known: {', '.join(known)})")
 
 
@@ -369,6 +419,21 @@ def _check(config: Config) -> None:
     """Rules that involve more than one key."""
     if config.jwt.public_key is None and not any(a.startswith("HS") for a in config.jwt.algorithms):
         raise ConfigError("jwt.algorithms", "only asymmetric algorithms listed but jwt.public_key is not set")
+    memory = config.memory
+    if not memory.level1 < memory.level2 < memory.level3:
+        raise ConfigError("memory.level2" if memory.level2 <= memory.level1 else "memory.level3",
+                          f"levels must rise: level1 < level2 < level3, got "
+                          f"{memory.level1:g}, {memory.level2:g}, {memory.level3:g}")
+    if memory.hysteresis >= memory.level1:
+        raise ConfigError("memory.hysteresis", f"must be below memory.level1 ({memory.level1:g}), "
+                          f"got {memory.hysteresis:g}")
+    if (config.tls_cert is None) != (config.tls_key is None):
+        missing = "tls_key" if config.tls_key is None else "tls_cert"
+        raise ConfigError(missing, "tls_cert and tls_key go together: set both or neither")
+    if config.tls_cert is not None:
+        from broker.tls import server_context  # lazy: plain configs never touch ssl
+
+        server_context(config)  # raises ConfigError naming the file's key
 
 
 def load_config(file: str | None = None, env: Mapping[str, str] | None = None,

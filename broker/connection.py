@@ -19,6 +19,7 @@ import asyncio
 import collections
 import logging
 import os
+import socket
 from typing import Any, Callable, Coroutine, Protocol as Interface
 
 import httptools
@@ -29,6 +30,8 @@ from . import eager
 from .config import Config
 from .handshake import Accepted
 from .httpmsg import Request, Response, error_response
+from .pressure import InboundGate, Liveness, liveness
+from .tls import is_tls
 
 __all__ = ["Connection", "ConnectionHost", "WebSocketEndpoint", "WebSocketHandler"]
 
@@ -60,6 +63,11 @@ class WebSocketHandler(Interface):
 class WebSocketEndpoint(Interface):
     """One upgrade path: its handshake rules, then a handler per connection."""
 
+    @property
+    def max_message_size(self) -> int:
+        """Largest client message (after reassembly and decompression): 1009 beyond."""
+        ...
+
     def negotiate(self, request: Request) -> Accepted | Response:
         """Accept the upgrade (with its response bytes) or refuse it."""
         ...
@@ -83,15 +91,21 @@ class ConnectionHost(Interface):
         """The endpoint serving upgrades at ``path``, or None (404)."""
         ...
 
-    def admission_refusal(self) -> Response | None:
-        """Why no new WebSocket is accepted now (draining, full), or None."""
+    def admission_refusal(self, ip: str) -> Response | None:
+        """Why no new WebSocket from ``ip`` is accepted now (draining, full,
+        overloaded, too many from that address), or None: then the host
+        counts it until ``release(ip)``."""
         ...
+
+    def release(self, ip: str) -> None:
+        """A WebSocket that ``admission_refusal`` admitted is gone."""
 
 
 class Connection(asyncio.Protocol):
     __slots__ = (
         "host", "transport", "parser", "ws", "handler", "deflate", "window_bits",
-        "paused", "closing", "timer", "_url", "_headers", "_head_bytes", "_body", "_body_size",
+        "paused", "closing", "timer", "ip", "admitted", "last_received", "pinged_at", "_gate",
+        "_url", "_headers", "_head_bytes", "_body", "_body_size",
         "_refused", "_work", "_busy", "_suspended", "_last_request", "_fragments", "__weakref__",
     )
 
@@ -106,6 +120,11 @@ class Connection(asyncio.Protocol):
         self.paused = False
         self.closing = False
         self.timer: asyncio.TimerHandle | None = None
+        self.ip = ""
+        self.admitted = False              # counted by the host's per-IP table
+        self.last_received = 0.0           # loop time of the last bytes from the peer
+        self.pinged_at: float | None = None
+        self._gate: InboundGate | None = None
         self._url = b""
         self._headers: dict[str, str] = {}
         self._head_bytes = 0
@@ -123,6 +142,12 @@ class Connection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         self._last_request = self.host.loop.time()
+        peer = transport.get_extra_info("peername")
+        self.ip = peer[0] if isinstance(peer, tuple) else str(peer or "")
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            # A peer that vanished without a FIN is found by the kernel too.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         self._arm_timer()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -130,6 +155,9 @@ class Connection(asyncio.Protocol):
         self.closing = True
         if self.handler is not None:
             self.handler.wire_lost()
+        if self.admitted:
+            self.admitted = False
+            self.host.release(self.ip)
         self.transport = None
 
     def pause_writing(self) -> None:
@@ -153,6 +181,7 @@ class Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self.ws is not None:
+            self.last_received = self.host.loop.time()  # any frame counts as alive
             self._ws_data(data)
             return
         if self.parser is None:
@@ -261,6 +290,20 @@ class Connection(asyncio.Protocol):
         self._work.append((make, done))
         if not self._busy:
             self._run_work()
+        elif self._work:
+            self._gate_inbound()
+
+    def _gate_inbound(self) -> None:
+        """Stop reading while unprocessed work piles up (a flood waits in the
+        client's socket, not in our memory); read again once it drained."""
+        if self._gate is None:
+            self._gate = InboundGate(self.host.config.limits.inbound_pending_commands)
+        decision = self._gate.update(len(self._work))
+        if decision is not None and self.transport is not None and not self.transport.is_closing():
+            if decision:
+                self.transport.pause_reading()
+            else:
+                self.transport.resume_reading()
 
     def _run_work(self) -> None:
         while self._work and self.transport is not None and not self._busy:
@@ -278,6 +321,8 @@ class Connection(asyncio.Protocol):
         done(result, error)
         if self._suspended and self._work:
             self._run_work()
+        if self._gate is not None and self._gate.paused:
+            self._gate_inbound()
 
     def _answer(self, request: Request, response: Response | None, error: BaseException | None) -> None:
         if error is not None or response is None:  # never crash the shard on one request
@@ -306,14 +351,15 @@ class Connection(asyncio.Protocol):
         if endpoint is None:
             self._refuse(error_response(404, f"no WebSocket endpoint at {request.path}"))
             return
-        refusal = self.host.admission_refusal()
-        if refusal is not None:
-            self._refuse(refusal)
-            return
         outcome = endpoint.negotiate(request)
         if isinstance(outcome, Response):
             self._refuse(outcome)
             return
+        refusal = self.host.admission_refusal(self.ip)
+        if refusal is not None:
+            self._refuse(refusal)
+            return
+        self.admitted = True
         self._accept(endpoint, outcome, rest)
 
     def _accept(self, endpoint: WebSocketEndpoint, accepted: Accepted, rest: bytes) -> None:
@@ -321,18 +367,20 @@ class Connection(asyncio.Protocol):
         self._cancel_timer()
         self.parser = None
         self._headers = {}
-        ws = Protocol(Side.SERVER, state=OPEN, max_size=self.host.config.limits.max_message_size,
-                      logger=log)
+        ws = Protocol(Side.SERVER, state=OPEN, max_size=endpoint.max_message_size, logger=log)
         if accepted.deflate is not None:
             ws.extensions = [accepted.deflate]
             self.deflate = True
             self.window_bits = accepted.window_bits
         self.ws = ws
-        # Pause as soon as the transport holds any byte: the shard's flush
-        # writes to the socket directly, which is only safe behind an empty
-        # transport buffer (otherwise frames would overtake queued bytes).
-        self.transport.set_write_buffer_limits(high=0)
+        if not is_tls(self.transport):
+            # Pause as soon as the transport holds any byte: the shard's flush
+            # writes to the socket directly, which is only safe behind an empty
+            # transport buffer (otherwise frames would overtake queued bytes).
+            # Through TLS every byte goes through the transport anyway.
+            self.transport.set_write_buffer_limits(high=0)
         self.transport.write(accepted.response)
+        self.last_received = self.host.loop.time()
         self.handler = endpoint.open(self, accepted)
         if rest:
             self._ws_data(rest)
@@ -372,15 +420,13 @@ class Connection(asyncio.Protocol):
             if chunk:
                 self.transport.write(chunk)
             else:  # websockets asks to half-close: the closing handshake is over
+                self._stop_sending()
                 self.transport.close()
                 return
         if ws.close_expected() and not self.closing:
             # The peer sent close (or broke the protocol) and websockets
-            # answered it: no data frame may follow, so the session stops
-            # now, before any scheduled flush; let the peer close first.
-            self.closing = True
-            if self.handler is not None:
-                self.handler.wire_closing()
+            # answered it: let the peer close the TCP connection first.
+            self._stop_sending()
             self.timer = self.host.loop.call_later(CLOSE_GRACE, self._abort)
 
     def _text_message(self, payload: bytes) -> None:
@@ -398,20 +444,33 @@ class Connection(asyncio.Protocol):
             log.error("command handling failed", exc_info=error)
             self.close(1011, "internal error")
 
+    def _stop_sending(self) -> None:
+        """A close frame is out (ours or websockets' answer to the peer's):
+        no data frame may follow, so the session stops now, before any
+        scheduled flush could write to the socket behind the close."""
+        if not self.closing:
+            self.closing = True
+            if self.handler is not None:
+                self.handler.wire_closing()
+
     def close(self, code: int, reason: str = "") -> None:
         """Flush what is pending, then start the closing handshake."""
         if self.closing or self.ws is None or self.transport is None:
             return
+        if self.ws.state is not OPEN:
+            # The peer's close frame was already read (in the same chunk as
+            # the message that led here): websockets answers it; ours would
+            # be a second close frame.
+            self._stop_sending()
+            return
         handler = self.handler
         if handler is not None:
             handler.wire_flush()
-        self.closing = True
         self.ws.send_close(code, reason)
         for chunk in self.ws.data_to_send():
             if chunk:
                 self.transport.write(chunk)
-        if handler is not None:
-            handler.wire_closing()
+        self._stop_sending()
         self._cancel_timer()
         self.timer = self.host.loop.call_later(CLOSE_GRACE, self._abort)
 
@@ -419,6 +478,24 @@ class Connection(asyncio.Protocol):
         self.timer = None
         if self.transport is not None:
             self.transport.abort()
+
+    def check_alive(self, now: float) -> None:
+        """Ping a connection silent for ``limits.ping_interval``; drop one
+        that stays silent ``limits.ping_timeout`` after the ping (1011)."""
+        ws = self.ws
+        if ws is None or self.closing or self.transport is None:
+            return
+        limits = self.host.config.limits
+        action = liveness(self.last_received, self.pinged_at, now,
+                          limits.ping_interval, limits.ping_timeout)
+        if action is Liveness.PING:
+            self.pinged_at = now
+            ws.send_ping(b"")
+            self._write_protocol_output()
+        elif action is Liveness.DROP:
+            self.close(1011, "ping timeout")
+            self._cancel_timer()
+            self._abort()  # a silent peer will not answer the close either
 
 
 class _Refuse(Exception):

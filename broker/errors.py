@@ -4,7 +4,9 @@
     ├── ConfigError(ValueError)        a setting is wrong: names the key
     ├── AuthError(PermissionError)     a token or API key was refused
     ├── ProtocolViolation(ValueError)  a client broke PROTOCOL.md; carries code
+    │     └── SocketIOError            malformed Engine.IO / Socket.IO input (400)
     ├── EngineUnavailable(ConnectionError)  the sequencer/history store is down
+    │     └── Overloaded               refused to hold the memory budget (503)
     ├── PublishError                   the server API refused a publication
     │     (client side; carries the HTTP status and the JSON error body)
     └── RecoveryFailed                 a Client could not recover a channel
@@ -18,7 +20,9 @@ __all__ = [
     "ConfigError",
     "AuthError",
     "ProtocolViolation",
+    "SocketIOError",
     "EngineUnavailable",
+    "Overloaded",
     "PublishError",
     "RecoveryFailed",
 ]
@@ -50,8 +54,29 @@ class ProtocolViolation(BrokerError, ValueError):
         self.message = message
 
 
+class SocketIOError(ProtocolViolation):
+    """Engine.IO or Socket.IO input that breaks those protocols (or uses a
+    part the broker refuses, such as binary attachments). The message names
+    the problem; the code is 400, as for any bad command."""
+
+    def __init__(self, message: str, engine_code: int = 3) -> None:
+        super().__init__(400, message)
+        #: the Engine.IO error code of an HTTP answer (3 "Bad request" unless
+        #: the request named an unknown transport, session or version)
+        self.engine_code = engine_code
+
+
 class EngineUnavailable(BrokerError, ConnectionError):
     """The engine (sequencing + history) cannot be reached: answer 503."""
+
+    label = "engine unavailable"  # how a 503 names the cause
+
+
+class Overloaded(EngineUnavailable):
+    """The shard refuses work to hold its memory budget (degradation level 3):
+    answered 503 like an unreachable engine, and named as what it is."""
+
+    label = "overloaded"
 
 
 class PublishError(BrokerError):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import binascii
 import base64
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 from urllib.parse import parse_qs
 
 from websockets.exceptions import InvalidHeader, NegotiationError
@@ -23,7 +23,7 @@ from .config import Config
 from .errors import AuthError
 from .httpmsg import Request, Response, error_response
 
-__all__ = ["Accepted", "negotiate", "upgrade_required"]
+__all__ = ["Accepted", "Authenticate", "authenticate_client", "negotiate", "upgrade_required"]
 
 
 def upgrade_required() -> Response:
@@ -70,8 +70,28 @@ def _negotiate_deflate(header: str) -> tuple[str | None, PerMessageDeflate | Non
     return None, None
 
 
-def negotiate(request: Request, config: Config) -> Accepted | Response:
-    """Accept the upgrade or say exactly why not (PROTOCOL.md §1 Handshake)."""
+def authenticate_client(request: Request, config: Config) -> Any:
+    """A client's identity from its JWT (header or ``?token=``), anonymous
+    where allowed, or the 401 that refuses the upgrade."""
+    token = _token_of(request)
+    if token is None:
+        if not config.allow_anonymous:
+            return error_response(401, "a token is required (Authorization: Bearer or ?token=)")
+        return ANONYMOUS
+    try:
+        return verify_token(token, config)
+    except AuthError as exc:
+        return error_response(401, str(exc))
+
+
+# Who is upgrading: an identity for the session, or the Response refusing it.
+Authenticate = Callable[[Request, Config], Any]
+
+
+def negotiate(request: Request, config: Config,
+              authenticate: Authenticate = authenticate_client) -> Accepted | Response:
+    """Accept the upgrade or say exactly why not (PROTOCOL.md §1 Handshake);
+    ``authenticate`` is the endpoint's rule (clients: JWT; backends: API key)."""
     headers = request.headers
     if request.method != "GET":
         return error_response(405, "the WebSocket endpoint takes GET", headers=(("Allow", "GET"),))
@@ -88,16 +108,9 @@ def negotiate(request: Request, config: Config) -> Accepted | Response:
     except (binascii.Error, ValueError):
         return error_response(400, "invalid Sec-WebSocket-Key")
 
-    token = _token_of(request)
-    if token is None:
-        if not config.allow_anonymous:
-            return error_response(401, "a token is required (Authorization: Bearer or ?token=)")
-        identity = ANONYMOUS
-    else:
-        try:
-            identity = verify_token(token, config)
-        except AuthError as exc:
-            return error_response(401, str(exc))
+    identity = authenticate(request, config)
+    if isinstance(identity, Response):
+        return identity
 
     extra = ""
     extension: PerMessageDeflate | None = None

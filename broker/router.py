@@ -192,6 +192,17 @@ class Router:
             self.hwm_drops += 1  # the receiving shard repairs the gap from history
         self._xpub_drain.kick()
 
+    def followed(self, channel: str) -> bool:
+        """Does another shard follow ``channel`` (its SUB subscribed the
+        topic)? As of the subscription messages read so far: call
+        ``read_subscriptions()`` first where it matters."""
+        return topic_of(channel) in self.remote_topics
+
+    def read_subscriptions(self) -> None:
+        """Take in every (un)subscription the XPUB has queued, so that
+        ``followed`` is current (the home's sweep asks it)."""
+        self._xpub_drain.run()
+
     def subscribe(self, channel: str) -> None:
         self._sub_option(zmq.SUBSCRIBE, topic_of(channel))
 

@@ -16,9 +16,11 @@ from typing import Any, Callable
 
 from . import _fastpath
 from .config import Config
+from .fdlimit import log_capacity, raise_nofile_limit
 from .runtime import configure_logging, new_loop
 from .shard import Shard
 from .sockets import bind_shared
+from .tls import server_context
 
 __all__ = ["serve", "Broker", "serve_shard"]
 
@@ -41,9 +43,12 @@ async def serve_shard(shard: Shard, stop: asyncio.Event,
     sock = _listen_socket(config.host, config.port)
     port = sock.getsockname()[1]
     shard.node_id = f"{socket.gethostname()}:{port}"
-    server = await shard.loop.create_server(shard.protocol_factory, sock=sock, backlog=4096)
-    log.info("shard %d serving on http://%s:%d (WebSocket at /ws), fastpath: %s",
-             shard.id, config.host, port, _fastpath.IMPLEMENTATION)
+    context = server_context(config)
+    server = await shard.loop.create_server(shard.protocol_factory, sock=sock, backlog=4096,
+                                            ssl=context)
+    scheme = "https" if context is not None else "http"
+    log.info("shard %d serving on %s://%s:%d (WebSocket at /ws), fastpath: %s",
+             shard.id, scheme, config.host, port, _fastpath.IMPLEMENTATION)
     if on_listening is not None:
         on_listening(port)
     try:
@@ -61,6 +66,7 @@ async def serve_shard(shard: Shard, stop: asyncio.Event,
 def serve(config: Config) -> int:
     """``broker serve``: a supervisor and its shards, until SIGTERM/SIGINT."""
     configure_logging(config.log_level)
+    log_capacity(log, "supervisor", raise_nofile_limit())
     if config.redis_url:
         print("error: redis_url: the Redis engine is not built yet; "
               "run without --redis for one host", file=sys.stderr)

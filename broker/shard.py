@@ -26,22 +26,22 @@ from typing import Any
 import psutil
 
 from . import api
-from ._fastpath import Deflater, OutboundTable, SharedFrames, SubscriptionTable
+from ._fastpath import FRAMING_NATIVE, OutboundTable, SubscriptionTable
 from .adapters.native.session import NativeEndpoint
 from .adapters.session import Adapter, Session, Subscribed
+from .adapters.stream.session import StreamEndpoint
 from .channels import check_client_publish, check_subscribe
 from .config import Config
 from .connection import Connection, WebSocketEndpoint
 from .engine import Engine, MemoryEngine, Position
-from .errors import EngineUnavailable, ProtocolViolation
+from .errors import EngineUnavailable, Overloaded, ProtocolViolation
 from .httpmsg import Request, Response, error_response
 from .metrics import PowerHistogram
+from .watch import Watch
 
 __all__ = ["Shard"]
 
 log = logging.getLogger("broker.shard")
-
-SWEEP_INTERVAL = 30.0  # seconds between idle-channel sweeps
 
 
 class Shard:
@@ -49,7 +49,8 @@ class Shard:
     adapters), ``ConnectionHost`` (for connections) and the API's host."""
 
     def __init__(self, config: Config, shard_id: int = 0, engine: Engine | None = None,
-                 loop: asyncio.AbstractEventLoop | None = None) -> None:
+                 loop: asyncio.AbstractEventLoop | None = None, shards: int = 1,
+                 ip_table_path: str | None = None) -> None:
         self.config = config
         self.id = shard_id
         self.loop = loop or asyncio.get_event_loop()
@@ -62,11 +63,13 @@ class Shard:
         # per adapter that has subscribers of its channel.
         self._tables: dict[Adapter, SubscriptionTable] = {}
         self.outbound = OutboundTable(config.limits.outbound_buffer_bytes)
-        self._frames: dict[int, Any] = {}  # window bits -> SharedFrames
         self.sessions: list[Session | None] = []
         self._fds: dict[int, int] = {}     # cid -> dup'd socket the C flush writes to
         self._free_ids: list[int] = []
-        self.endpoints: dict[str, WebSocketEndpoint] = {"/ws": NativeEndpoint(self)}
+        self.endpoints: dict[str, WebSocketEndpoint] = {
+            "/ws": NativeEndpoint(self),
+            "/api/stream": StreamEndpoint(self),
+        }
         self.draining = False
         self._flush_handle: asyncio.Handle | asyncio.TimerHandle | None = None
         self._process = psutil.Process(os.getpid())
@@ -79,7 +82,10 @@ class Shard:
         self.connections_total = 0
         self.flush_latency = PowerHistogram(size=22, unit=1e-6)  # microsecond buckets up to ~2 s
         self._oldest_pending: float | None = None
-        self._sweeper: asyncio.TimerHandle | None = self.loop.call_later(SWEEP_INTERVAL, self._sweep)
+        self._sweeper: asyncio.TimerHandle | None = self.loop.call_later(
+            config.cluster.sweep_interval, self._sweep)
+        # Liveness, token expiry, memory levels, connections per IP.
+        self.watch = Watch(self, shards, ip_table_path, shard_id)
 
     # ------------------------------------------------------ connections
     def protocol_factory(self) -> Connection:
@@ -91,28 +97,52 @@ class Shard:
     def websocket_endpoint(self, path: str) -> WebSocketEndpoint | None:
         return self.endpoints.get(path)
 
-    def admission_refusal(self) -> Response | None:
+    def admission_refusal(self, ip: str) -> Response | None:
         if self.draining:
             return error_response(503, "draining: reconnect to another node",
                                   headers=(("Retry-After", "1"),))
         if self.websocket_count >= self.config.limits.max_connections:
             return error_response(503, "too many connections on this shard",
                                   headers=(("Retry-After", "1"),))
-        return None
+        return self.watch.refusal(ip)
+
+    def release(self, ip: str) -> None:
+        self.watch.release(ip)
 
     # --------------------------------------------------------- sessions
-    def open_session(self, session: Session, fd: int = -1) -> None:
+    def open_session(self, session: Session, fd: int = -1, framing: int = FRAMING_NATIVE,
+                     window_bits: int = 0) -> None:
         cid = self._free_ids.pop() if self._free_ids else len(self.sessions)
         if cid == len(self.sessions):
             self.sessions.append(session)
         else:
             self.sessions[cid] = session
         session.cid = cid
-        self.outbound.open(cid)
+        self.outbound.open(cid, framing)
+        if window_bits:
+            self.outbound.set_framing(cid, framing, window_bits)
         self.connections_total += 1
         if fd >= 0:
             self._fds[cid] = fd
             self.outbound.set_fd(cid, fd)
+
+    def set_framing(self, session: Session, framing: int, window_bits: int = 0) -> None:
+        if session.cid >= 0:
+            self.outbound.set_framing(session.cid, framing, window_bits)
+
+    def set_fd(self, session: Session, fd: int) -> None:
+        """Let the C flush write to ``fd`` (a dup this shard closes later), or -1."""
+        cid = session.cid
+        if cid < 0:
+            if fd >= 0:
+                os.close(fd)
+            return
+        old = self._fds.pop(cid, -1)
+        if old >= 0:
+            os.close(old)
+        if fd >= 0:
+            self._fds[cid] = fd
+        self.outbound.set_fd(cid, fd)
 
     def set_paused(self, session: Session, paused: bool) -> None:
         if session.cid >= 0:
@@ -167,8 +197,18 @@ class Shard:
             return
         self._schedule_flush()
 
-    def take_pending(self, session: Session) -> bytes:
-        return self.outbound.take(session.cid) if session.cid >= 0 else b""
+    def take_frames(self, session: Session) -> bytes:
+        """The session's pending lines as its framing writes them (for a
+        transport the C flush does not write to: TLS, a resumed one)."""
+        return self.outbound.take_frames(session.cid) if session.cid >= 0 else b""
+
+    def take_payload(self, session: Session, sep: bytes = b"\x1e") -> bytes:
+        """The session's pending lines joined by ``sep`` (a long-poll answer)."""
+        return self.outbound.take_payload(session.cid, sep) if session.cid >= 0 else b""
+
+    def pending_bytes(self, session: Session) -> int:
+        return self.outbound.pending(session.cid) if session.cid >= 0 and not session.closing else 0
+
 
     def deliver(self, channel: str, offset: int, data_json: bytes) -> None:
         """Fan one publication out to this shard's subscribers of ``channel``."""
@@ -200,26 +240,15 @@ class Shard:
             self._flush_handle = (self.loop.call_later(interval, self._flush) if interval > 0
                                   else self.loop.call_soon(self._flush))
 
-    def _frames_for(self, window_bits: int):
-        frames = self._frames.get(window_bits)
-        if frames is None:
-            frames = self._frames[window_bits] = SharedFrames(Deflater(6, window_bits))
-        return frames
-
-    def batch_frame(self, payload: bytes, deflate: bool, window_bits: int) -> bytes:
-        frame = self._frames_for(window_bits).batch_frame(payload, deflate)
-        self.outbound.count_frame(len(frame), payload.count(b"\n"))
-        return frame
-
     def _flush(self) -> None:
         self._flush_handle = None
         if self._oldest_pending is not None:
             self.flush_latency.observe(self.loop.time() - self._oldest_pending)
             self._oldest_pending = None
         sessions = self.sessions
-        # One C pass writes the frames of every session it can; what it
-        # cannot (compressed connections, paused transports, partial writes)
-        # comes back here.
+        # One C pass writes the frames of every session it can, whatever its
+        # framing and compression; what it cannot (a session without a
+        # socket it may write to, a long-poll, a partial write) comes back.
         deferred, tails = self.outbound.flush()
         for cid in deferred:
             session = sessions[cid]
@@ -229,8 +258,6 @@ class Shard:
             session = sessions[cid]
             if session is not None:
                 session.write_tail(rest)
-        for frames in self._frames.values():
-            frames.clear()
 
     def flush_session(self, session: Session, force: bool = False) -> None:
         """Write one session's pending lines now (resume, close, drain)."""
@@ -244,6 +271,9 @@ class Shard:
         table = self._table(session.adapter)
         if table.is_subscribed(session.cid, channel):
             raise ProtocolViolation(409, f"already subscribed to {channel!r}")
+        limit = self.config.limits.subscriptions_per_connection
+        if len(table.channels_of(session.cid)) >= limit:
+            raise ProtocolViolation(429, f"at most {limit} subscriptions per connection")
         if not self.engine.ready():
             raise EngineUnavailable("cannot subscribe now")
         # The memory engine answers without suspending, so nothing can be
@@ -282,6 +312,8 @@ class Shard:
 
     async def publish(self, channel: str, data_json: bytes) -> Position:
         """Sequence, store and deliver one publication (from the API or a client)."""
+        if self.watch.level >= 3:
+            raise Overloaded("the shard is over its memory budget; publishing is refused")
         position = await self.engine.publish(channel, data_json)
         self.published += 1
         return position
@@ -302,6 +334,7 @@ class Shard:
                 session.abort()
 
     def close(self) -> None:
+        self.watch.close()
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None
@@ -311,7 +344,7 @@ class Shard:
 
     def _sweep(self) -> None:
         self.engine.sweep(lambda channel: self.local_subscribers(channel) > 0)
-        self._sweeper = self.loop.call_later(SWEEP_INTERVAL, self._sweep)
+        self._sweeper = self.loop.call_later(self.config.cluster.sweep_interval, self._sweep)
 
     # ------------------------------------------------------------ cluster
     def attach_router(self, router: Any) -> None:
@@ -334,6 +367,8 @@ class Shard:
         """Why /readyz is 503, or None when this node accepts traffic."""
         if self.draining:
             return "draining"
+        if self.watch.level >= 3:
+            return "over the memory budget (degradation level 3)"
         if not self.engine.ready():
             return "engine unreachable"
         if self.router is not None:
@@ -391,7 +426,11 @@ class Shard:
             "bytes_out": self.outbound.bytes_written,
             "connections_total": self.connections_total,
             "rss_bytes": rss,
-            "degradation": 0,
+            "degradation": self.watch.level,
+            "memory_limit_bytes": self.watch.budget_bytes,
+            "memory_cuts": self.watch.cut_for_memory,
+            "upgrades_refused_memory": self.watch.refused_for_memory,
+            "upgrades_refused_per_ip": self.watch.refused_per_ip,
             "engine": self.engine.stats(),
             "batch_lines": PowerHistogram.from_counts(self.outbound.batch_histogram(),
                                                       self.outbound.lines_written),

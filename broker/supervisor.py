@@ -131,6 +131,7 @@ class Supervisor:
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
         log.info("supervisor %d: %d shard(s) on http://%s:%d, run dir %s", os.getpid(),
                  len(self.shards), self.config.host, self.config.port, self.run_dir)
         for shard in self.shards:
@@ -147,6 +148,11 @@ class Supervisor:
             except asyncio.TimeoutError:
                 pass
         return await self._stop_all()
+
+    def _on_sighup(self) -> None:
+        """SIGHUP will mean reload (PROTOCOL.md §5); until reload exists it
+        is logged and ignored, never the default action (death, no drain)."""
+        log.warning("supervisor: SIGHUP received; config reload is not built yet, ignored")
 
     def _start(self, shard: _ShardProcess) -> None:
         shard.process = subprocess.Popen(

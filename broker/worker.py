@@ -16,6 +16,7 @@ import sys
 
 from .config import Config
 from .engine.cluster import ClusterEngine
+from .fdlimit import log_capacity, raise_nofile_limit
 from .engine.journal import Journal
 from .engine.memory import MemoryEngine
 from .router import Endpoints, Router
@@ -41,11 +42,15 @@ def main(argv: list[str] | None = None) -> int:
     spec = load_spec(run_dir)
     config = Config.from_dict(spec["config"])
     configure_logging(config.log_level)
+    log_capacity(log, f"shard {shard_id_int}", raise_nofile_limit())
     loop = new_loop()
     asyncio.set_event_loop(loop)
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    # A hangup (the terminal closing, a SIGHUP to the process group) is the
+    # supervisor's to act on; by default it would kill the shard.
+    loop.add_signal_handler(signal.SIGHUP, lambda: log.info("shard %d: SIGHUP ignored", shard_id_int))
     # The supervisor's pid comes from the spec, not getppid(): a shard started
     # just as its supervisor died is already adopted by init at birth.
     parent = spec["supervisor"]
@@ -77,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     router = Router(shard_id_int, endpoints, loop, config.cluster.high_water_mark,
                     config.cluster.request_timeout)
     engine = ClusterEngine(config, shard_id_int, shards, router, local)
-    shard = Shard(config, shard_id=shard_id_int, engine=engine, loop=loop)
+    shard = Shard(config, shard_id=shard_id_int, engine=engine, loop=loop, shards=shards,
+                  ip_table_path=os.path.join(run_dir, "ip-connections"))
     shard.attach_router(router)
 
     def listening(port: int) -> None:

@@ -32,7 +32,8 @@ def test_mint_and_verify():
     token = mint_token(SECRET, "42", channels=["user:7", "bill:1"])
     claims = jwt.decode(token, SECRET, algorithms=["HS256"])
     assert claims["sub"] == "42" and claims["exp"] > time.time() + 3500
-    assert verify_token(token, config()) == Identity("42", frozenset({"user:7", "bill:1"}), False)
+    assert verify_token(token, config()) == Identity("42", frozenset({"user:7", "bill:1"}), False,
+                                                     expires=float(claims["exp"]))
 
 
 def test_identity_is_frozen():

@@ -119,6 +119,13 @@ client_publish = true
                                                     client_publish=True)
 
 
+def test_cluster_sweep_interval(toml):
+    assert load_config().cluster.sweep_interval == 30.0
+    config = load_config(toml("[cluster]\nsweep_interval = 0.25\n"))
+    assert config.cluster.sweep_interval == 0.25
+    assert Config.from_dict(config.to_dict()).cluster.sweep_interval == 0.25  # reaches the shards
+
+
 def test_public_key_file(toml, tmp_path):
     pem = "-----BEGIN PUBLIC KEY-----\nabc\n-----END PUBLIC KEY-----\n"
     (tmp_path / "key.pem").write_text(pem)
@@ -169,6 +176,10 @@ def test_namespace_for():
     ('[jwt]\npublic_key = "not a pem"', "jwt.public_key"),
     ("[jwt]\nleeway = -1", "jwt.leeway"),
     ("[jwt]\nissuer = 1", "jwt.issuer"),
+    ("[cluster]\nsweep_interval = 0", "cluster.sweep_interval"),
+    ("[cluster]\nsweep_interval = -1", "cluster.sweep_interval"),
+    ('[cluster]\nsweep_interval = "30s"', "cluster.sweep_interval"),
+    ("[cluster]\nsweep_interval = nan", "cluster.sweep_interval"),
     ("[namespaces.bill]\nhistory_size = 0", "namespaces.bill.history_size"),
     ("[namespaces.bill]\nhistory_ttl = -1", "namespaces.bill.history_ttl"),
     ('[namespaces.bill]\nsubscribe = "friends"', "namespaces.bill.subscribe"),

@@ -22,10 +22,14 @@ __all__ = [
     "load",
     "RingBuffer",
     "OutboundTable",
+    "FRAMING_NATIVE",
+    "FRAMING_EIO_WS",
+    "FRAMING_POLLING",
     "Deflater",
     "frame_header",
     "text_frame",
     "ndjson_batch",
+    "packet_frames",
     "SharedFrames",
     "SubscriptionTable",
     "HistoryWindow",
@@ -77,10 +81,14 @@ _modules, IMPLEMENTATION = _choose()
 
 RingBuffer = _modules["ringbuf"].RingBuffer
 OutboundTable = _modules["ringbuf"].OutboundTable
+FRAMING_NATIVE: int = _modules["ringbuf"].FRAMING_NATIVE
+FRAMING_EIO_WS: int = _modules["ringbuf"].FRAMING_EIO_WS
+FRAMING_POLLING: int = _modules["ringbuf"].FRAMING_POLLING
 Deflater = _modules["frames"].Deflater
 frame_header = _modules["frames"].frame_header
 text_frame = _modules["frames"].text_frame
 ndjson_batch = _modules["frames"].ndjson_batch
+packet_frames = _modules["frames"].packet_frames
 SharedFrames = _modules["frames"].SharedFrames
 SubscriptionTable = _modules["subtable"].SubscriptionTable
 HistoryWindow = _modules["history"].HistoryWindow

@@ -17,6 +17,9 @@ Choices where the contract is silent (same in the twin):
   is allowed.
 - ``batch_frame``: ValueError when ``pending`` is empty or does not end
   with ``\\n``.
+- ``packet_frames``: ValueError when ``pending`` is empty or does not end
+  with ``\\x1e``; an empty packet (two separators in a row) is framed as
+  an empty text frame.
 - ``Deflater(level, window_bits)``: level -1..9, window_bits 8..15; zlib
   cannot make raw deflate streams with an 8-bit window, so 8 means 9
   (``.window_bits`` reports 9). The 512-byte window is what an 8-bit
@@ -31,45 +34,26 @@ Choices where the contract is silent (same in the twin):
   (compress=True then raises ValueError). Any object with a
   ``compress(payload) -> bytes`` method serves as the deflater.
 """
+from broker._fastpath.pmdeflate cimport (
+    Compressor,
+    _compress,
+    _compressor_free,
+    _compressor_init,
+    _compressor_trim,
+)
 from broker._fastpath.wsheader cimport _header_size, _write_header
 cimport cython
 from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
-from cpython.mem cimport PyMem_Free, PyMem_Malloc, PyMem_Realloc
-from libc.string cimport memchr, memcpy, memset
+from libc.string cimport memchr, memcpy
 
 from operator import index as _index
 
 __all__ = [
     "OP_CONT", "OP_TEXT", "OP_BINARY", "OP_CLOSE", "OP_PING", "OP_PONG",
-    "frame_header", "text_frame", "ndjson_batch", "batch_frame",
+    "frame_header", "text_frame", "ndjson_batch", "batch_frame", "packet_frames",
     "Deflater", "SharedFrames",
 ]
-
-
-cdef extern from "zlib.h":
-    ctypedef unsigned char Bytef
-    ctypedef unsigned int uInt
-    ctypedef unsigned long uLong
-    ctypedef struct z_stream:
-        Bytef* next_in
-        uInt avail_in
-        Bytef* next_out
-        uInt avail_out
-        char* msg
-    int deflateInit2(z_stream* strm, int level, int method, int windowBits,
-                     int memLevel, int strategy)
-    int deflate(z_stream* strm, int flush)
-    int deflateReset(z_stream* strm)
-    int deflateEnd(z_stream* strm)
-    uLong deflateBound(z_stream* strm, uLong sourceLen)
-    int Z_OK
-    int Z_BUF_ERROR
-    int Z_MEM_ERROR
-    int Z_NO_FLUSH
-    int Z_SYNC_FLUSH
-    int Z_DEFLATED
-    int Z_DEFAULT_STRATEGY
 
 
 cdef enum:
@@ -80,9 +64,6 @@ cdef enum:
     _OP_PING = 0x9
     _OP_PONG = 0xA
     _MAX_HEADER = 10           # server frames are never masked
-    _MEM_LEVEL = 8             # zlib's DEF_MEM_LEVEL, what Python's zlib uses
-    _CHUNK = 1 << 30           # stays inside zlib's uInt counters
-    _KEEP_SCRATCH = 1 << 20    # scratch kept between compress calls
 
 OP_CONT = _OP_CONT
 OP_TEXT = _OP_TEXT
@@ -211,6 +192,48 @@ def batch_frame(pending):
         PyBuffer_Release(&view)
 
 
+cdef bytes _packet_frames(const char* p, Py_ssize_t n):
+    """One text frame per \\x1e-terminated packet, in one allocation."""
+    cdef Py_ssize_t total = 0, start = 0, end, size
+    cdef const char* sep
+    cdef bytes out
+    cdef char* w
+    if n == 0 or p[n - 1] != 0x1e:
+        raise ValueError("pending must be non-empty and end with the record separator \\x1e")
+    while start < n:   # pass 1: the size of every frame
+        sep = <const char*>memchr(p + start, 0x1e, <size_t>(n - start))
+        end = sep - p
+        size = end - start
+        total += _header_size(size) + size
+        start = end + 1
+    out = PyBytes_FromStringAndSize(NULL, total)
+    w = PyBytes_AS_STRING(out)
+    start = 0
+    while start < n:   # pass 2: header, then payload
+        sep = <const char*>memchr(p + start, 0x1e, <size_t>(n - start))
+        end = sep - p
+        size = end - start
+        w += _write_header(<unsigned char*>w, <unsigned long long>size, _OP_TEXT, True, False)
+        if size:
+            memcpy(w, p + start, <size_t>size)
+            w += size
+        start = end + 1
+    return out
+
+
+def packet_frames(pending):
+    """Engine.IO over WebSocket: ``pending`` holds packets each followed by
+    ``\\x1e``; returns one text frame per packet, concatenated for one write."""
+    cdef Py_buffer view
+    if type(pending) is bytes:
+        return _packet_frames(PyBytes_AS_STRING(pending), PyBytes_GET_SIZE(pending))
+    PyObject_GetBuffer(pending, &view, PyBUF_SIMPLE)
+    try:
+        return _packet_frames(<const char*>view.buf, view.len)
+    finally:
+        PyBuffer_Release(&view)
+
+
 @cython.final
 cdef class Deflater:
     """permessage-deflate without server context takeover (RFC 7692 §7.2.1).
@@ -220,15 +243,11 @@ cdef class Deflater:
     removed.
     """
 
-    cdef z_stream _strm
-    cdef bint _ready
-    cdef unsigned char* _out
-    cdef Py_ssize_t _outcap
+    cdef Compressor _c
     cdef readonly int level
     cdef readonly int window_bits
 
     def __cinit__(self, level=6, window_bits=15):
-        cdef int rc
         level = _index(level)
         window_bits = _index(window_bits)
         if not -1 <= level <= 9:
@@ -239,109 +258,13 @@ cdef class Deflater:
             window_bits = 9  # zlib refuses raw deflate with an 8-bit window
         self.level = level
         self.window_bits = window_bits
-        self._out = NULL
-        self._outcap = 0
-        self._ready = False
-        memset(&self._strm, 0, sizeof(z_stream))
-        rc = deflateInit2(&self._strm, self.level, Z_DEFLATED, -self.window_bits,
-                          _MEM_LEVEL, Z_DEFAULT_STRATEGY)
-        if rc == Z_MEM_ERROR:
-            raise MemoryError()
-        if rc != Z_OK:
-            raise ValueError(f"deflateInit2 failed ({rc})")
-        self._ready = True
+        _compressor_init(&self._c, level, window_bits)
 
     def __dealloc__(self):
-        if self._ready:
-            deflateEnd(&self._strm)
-        PyMem_Free(self._out)
+        _compressor_free(&self._c)
 
     def __repr__(self):
         return f"<Deflater level={self.level} window_bits={self.window_bits}>"
-
-    cdef int _grow(self, Py_ssize_t need) except -1:
-        cdef unsigned char* p
-        if need <= self._outcap:
-            return 0
-        p = <unsigned char*>PyMem_Realloc(self._out, <size_t>need)
-        if p == NULL:
-            raise MemoryError()
-        self._out = p
-        self._outcap = need
-        return 0
-
-    cdef Py_ssize_t _compress(self, const char* data, Py_ssize_t n) except -1:
-        """Compress into the scratch buffer ``_out``; returns the length."""
-        cdef z_stream* s = &self._strm
-        cdef Py_ssize_t done = 0
-        cdef Py_ssize_t consumed = 0
-        cdef Py_ssize_t chunk, room
-        cdef int flush, rc
-        if self.level == 0:
-            return self._stored(data, n)
-        deflateReset(s)
-        # deflateBound covers a Z_FINISH stream; + 16 covers the sync marker.
-        self._grow(<Py_ssize_t>deflateBound(s, <uLong>n) + 16)
-        while True:
-            chunk = n - consumed
-            if chunk > _CHUNK:
-                chunk = _CHUNK
-                flush = Z_NO_FLUSH
-            else:
-                flush = Z_SYNC_FLUSH
-            s.next_in = <Bytef*>(data + consumed)
-            s.avail_in = <uInt>chunk
-            while True:
-                if self._outcap - done < 64:
-                    self._grow(self._outcap * 2)
-                room = self._outcap - done
-                if room > _CHUNK:
-                    room = _CHUNK
-                s.next_out = self._out + done
-                s.avail_out = <uInt>room
-                rc = deflate(s, flush)
-                done += room - s.avail_out
-                if rc != Z_OK and rc != Z_BUF_ERROR:
-                    raise RuntimeError(f"deflate failed ({rc})")
-                if s.avail_out != 0:
-                    break
-            consumed += chunk - s.avail_in
-            if flush == Z_SYNC_FLUSH and s.avail_in == 0:
-                break
-        if (done >= 4 and self._out[done - 4] == 0 and self._out[done - 3] == 0
-                and self._out[done - 2] == 0xFF and self._out[done - 1] == 0xFF):
-            done -= 4
-        return done
-
-    cdef Py_ssize_t _stored(self, const char* data, Py_ssize_t n) except -1:
-        """Level 0: non-final stored blocks of <= 65535 bytes, then the first
-        byte of the sync-flush empty block; what zlib emits for one
-        sync-flushed call, but independent of zlib's output-buffer sizing."""
-        cdef Py_ssize_t nblocks = (n + 65534) // 65535
-        cdef Py_ssize_t done = 0
-        cdef Py_ssize_t k
-        cdef unsigned char* o
-        self._grow(n + 5 * nblocks + 1)
-        o = self._out
-        while n > 0:
-            k = n if n < 65535 else 65535
-            o[done] = 0
-            o[done + 1] = <unsigned char>(k & 0xFF)
-            o[done + 2] = <unsigned char>(k >> 8)
-            o[done + 3] = <unsigned char>(~k & 0xFF)
-            o[done + 4] = <unsigned char>((~k >> 8) & 0xFF)
-            memcpy(o + done + 5, data, <size_t>k)
-            done += 5 + k
-            data += k
-            n -= k
-        o[done] = 0
-        return done + 1
-
-    cdef inline void _trim_scratch(self) noexcept:
-        if self._outcap > _KEEP_SCRATCH:
-            PyMem_Free(self._out)
-            self._out = NULL
-            self._outcap = 0
 
     cdef bytes _compressed_frame(self, const char* data, Py_ssize_t n):
         """Compress and frame (text, RSV1) with one bytes allocation."""
@@ -349,14 +272,14 @@ cdef class Deflater:
         cdef bytes out
         cdef char* p
         try:
-            clen = self._compress(data, n)
+            clen = _compress(&self._c, data, n)
             out = PyBytes_FromStringAndSize(NULL, _header_size(clen) + clen)
             p = PyBytes_AS_STRING(out)
             h = _write_header(<unsigned char*>p, <unsigned long long>clen, _OP_TEXT, True, True)
-            memcpy(p + h, self._out, <size_t>clen)
+            memcpy(p + h, self._c.out, <size_t>clen)
             return out
         finally:
-            self._trim_scratch()
+            _compressor_trim(&self._c)
 
     def compress(self, payload):
         """The permessage-deflate payload of one message (independent of the others)."""
@@ -364,11 +287,11 @@ cdef class Deflater:
         cdef Py_ssize_t clen
         PyObject_GetBuffer(payload, &view, PyBUF_SIMPLE)
         try:
-            clen = self._compress(<const char*>view.buf, view.len)
-            return PyBytes_FromStringAndSize(<char*>self._out, clen)
+            clen = _compress(&self._c, <const char*>view.buf, view.len)
+            return PyBytes_FromStringAndSize(<char*>self._c.out, clen)
         finally:
             PyBuffer_Release(&view)
-            self._trim_scratch()
+            _compressor_trim(&self._c)
 
 
 @cython.final

@@ -1,3 +1,4 @@
+# distutils: libraries = z
 """Bounded per-connection byte buffers for the outbound path (compiled).
 
 Contract: docs/architecture.md, "Fastpath contracts / ringbuf". The pure
@@ -27,6 +28,14 @@ Choices where the contract is silent (same in the twin):
   (array('I'), a uint32 memoryview, numpy uint32, ...) is read directly;
   anything else (list, tuple, other buffers, iterables) is iterated as ints.
   Duplicate ids are appended to once per occurrence.
+
+The flush pass encodes each connection's pending lines in its framing kind
+(FRAMING_*), compressed or not, and writes them with writev on its socket.
+A compressed message is looked up in a small C hash table (keyed by the
+message bytes and the window size) before it is compressed, so one
+publication fanned out to many connections is compressed once per flush;
+the table lives until the end of the flush (entries made by ``take_frames``
+between two flushes live until the next flush starts).
 """
 cimport cython
 from cpython.buffer cimport (
@@ -40,19 +49,21 @@ from cpython.buffer cimport (
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.mem cimport PyMem_Free, PyMem_Malloc, PyMem_Realloc
 from cpython.number cimport PyNumber_Index
-from libc.stdint cimport int32_t, int64_t, uint32_t
-from libc.string cimport memchr, memcpy, memmove, memset
+from libc.stdint cimport int32_t, int64_t, uint32_t, uint64_t
+from libc.string cimport memchr, memcmp, memcpy, memmove, memset
 from libc.errno cimport errno, EAGAIN, EINTR
 
 cdef extern from "<errno.h>":
     int EWOULDBLOCK
 from posix.uio cimport iovec, writev
 
-from broker._fastpath.wsheader cimport _write_header
+from broker._fastpath.pmdeflate cimport Compressor, _compress, _compressor_free, _compressor_init, _compressor_trim
+from broker._fastpath.wsheader cimport _header_size, _write_header
 
 from operator import index as _index
 
-__all__ = ["RingBuffer", "OutboundTable", "MIN_ALLOC"]
+__all__ = ["RingBuffer", "OutboundTable", "MIN_ALLOC", "SHARED_BUDGET",
+           "FRAMING_NATIVE", "FRAMING_EIO_WS", "FRAMING_POLLING"]
 
 cdef enum:
     # First allocation of a ring's storage (then doubled, capped at capacity).
@@ -62,8 +73,20 @@ cdef enum:
     _MIN_DIRTY = 64
     _MAX_OPEN = 0x3FFFFFFF
     _BATCH_BUCKETS = 16   # lines-per-frame histogram: bucket = bit_length(lines)
+    _NATIVE = 0           # all pending lines as ONE text frame, joined by \n
+    _EIO_WS = 1           # one text frame per pending line (an Engine.IO packet)
+    _POLLING = 2          # never written by flush: a long-poll answers it
+    _IOV_MAX = 1024       # Linux's and macOS's limit of iovecs per writev
+    _MIN_SHARED = 16      # smallest shared-compression table (slots)
+    _KEEP_SHARED = 256    # larger tables are released after a flush
+    _SHARED_BUDGET = 1 << 22  # default: bytes of messages + frames one flush keeps
+    _KEEP_IOV = 4096      # larger iovec scratch is released after a flush
 
 MIN_ALLOC = _MIN_ALLOC
+SHARED_BUDGET = _SHARED_BUDGET
+FRAMING_NATIVE = _NATIVE
+FRAMING_EIO_WS = _EIO_WS
+FRAMING_POLLING = _POLLING
 
 cdef uint32_t _one = 1
 cdef bint _LITTLE_ENDIAN = (<unsigned char*>&_one)[0] == 1
@@ -168,6 +191,21 @@ cdef inline void _ring_consume(Ring* r, Py_ssize_t n) noexcept:
         r.head -= r.alloc
 
 
+cdef inline int _ring_linearize(Ring* r) except -1:
+    """Make the pending bytes one contiguous run at buf + head."""
+    cdef char* nb
+    if r.head + r.size <= r.alloc:
+        return 0
+    nb = <char*>PyMem_Malloc(<size_t>r.alloc)
+    if nb == NULL:
+        raise MemoryError()
+    _ring_copy(r, nb, r.size)
+    PyMem_Free(r.buf)
+    r.buf = nb
+    r.head = 0
+    return 0
+
+
 cdef inline bytes _ring_take(Ring* r):
     cdef bytes out = _ring_peek(r, r.size)
     _ring_release(r)
@@ -265,7 +303,18 @@ ctypedef struct Entry:
     uint32_t cid
     Py_ssize_t dirty      # position in the dirty array, -1 when clean
     int fd                # socket written by flush(), -1: the caller writes (take())
-    bint paused           # the transport holds unsent bytes: flush() must wait
+    unsigned char paused  # the transport holds unsent bytes: flush() must wait
+    unsigned char framing # _NATIVE, _EIO_WS or _POLLING
+    unsigned char wbits   # 0: uncompressed; 9..15: permessage-deflate window
+
+ctypedef struct Shared:
+    # One compressed message of the current flush; the message bytes (the
+    # key, keylen bytes) and then its whole frame (header + compressed
+    # payload, framelen bytes) follow this struct in the same allocation.
+    uint64_t hash
+    Py_ssize_t keylen
+    Py_ssize_t framelen
+    int wbits
 
 ctypedef struct Slot:
     uint32_t key
@@ -292,6 +341,41 @@ cdef inline bint _u32_format(Py_buffer* view) noexcept:
 
 
 
+cdef inline char* _shared_key(Shared* s) noexcept nogil:
+    return <char*>(s + 1)
+
+
+cdef inline char* _shared_frame(Shared* s) noexcept nogil:
+    return <char*>(s + 1) + s.keylen
+
+
+cdef inline uint64_t _hash(const char* p, Py_ssize_t n, int wbits) noexcept nogil:
+    """A fast 64-bit hash of n bytes (8 at a time) and the window size."""
+    cdef uint64_t h = (<uint64_t>0x9E3779B97F4A7C15) ^ (<uint64_t>n * 31 + <uint64_t>wbits)
+    cdef uint64_t w
+    while n >= 8:
+        memcpy(&w, p, 8)
+        h = (h ^ w) * (<uint64_t>0xFF51AFD7ED558CCD)
+        h ^= h >> 29
+        p += 8
+        n -= 8
+    w = 0
+    memcpy(&w, p, <size_t>n)
+    h = (h ^ w) * (<uint64_t>0xC4CEB9FE1A85EC53)
+    h ^= h >> 32
+    return h
+
+
+cdef inline int _check_framing(int framing, int window_bits) except -1:
+    if framing != _NATIVE and framing != _EIO_WS and framing != _POLLING:
+        raise ValueError(f"unknown framing {framing!r}")
+    if window_bits != 0 and not 9 <= window_bits <= 15:
+        raise ValueError(f"window_bits must be 0 (uncompressed) or 9..15, not {window_bits}")
+    if window_bits and framing == _POLLING:
+        raise ValueError("a polling connection is not compressed by the table")
+    return 0
+
+
 cdef inline int64_t _as_cid(object cid) except -2:
     """cid as a C integer; -1 when it is an int outside [0, 2**32)."""
     cdef long long v
@@ -308,7 +392,13 @@ cdef inline int64_t _as_cid(object cid) except -2:
 
 @cython.final
 cdef class OutboundTable:
-    """One bounded ring buffer per open connection: ``OutboundTable(capacity)``."""
+    """One bounded ring buffer per open connection:
+    ``OutboundTable(capacity, deflate_level=6, shared_budget=SHARED_BUDGET)``.
+
+    ``deflate_level`` is zlib's level for compressed connections;
+    ``shared_budget`` bounds the bytes (messages + their frames) that one
+    flush keeps to share compressions: past it, a new compression serves
+    only the connection being written."""
 
     cdef Entry* _entries
     cdef Py_ssize_t _n
@@ -324,19 +414,57 @@ cdef class OutboundTable:
     cdef public long long frames_written
     cdef public long long bytes_written
     cdef public long long lines_written
+    cdef public long long compressions
     cdef long long _batch[_BATCH_BUCKETS]
+    cdef int _level
+    # One zlib compressor per window size in use (index: window bits).
+    cdef Compressor _comp[16]
+    # Shared compressions of the current flush: open addressing, linear probing.
+    cdef Shared** _stab
+    cdef Py_ssize_t _smask
+    cdef Py_ssize_t _scount
+    cdef Shared* _slast      # last hit: a fan-out asks for the same message again and again
+    cdef Py_ssize_t _sbytes  # bytes held by the shared entries (messages + frames)
+    cdef Py_ssize_t _sbudget
+    # Compressions past the budget: they serve one connection's write only.
+    cdef Shared** _tmp
+    cdef Py_ssize_t _ntmp
+    cdef Py_ssize_t _tmpcap
+    # Scratch of the frames being written: iovecs, and headers of plain frames.
+    cdef iovec* _iov
+    cdef Py_ssize_t _iovcap
+    cdef unsigned char* _hdr
+    cdef Py_ssize_t _hdrcap
 
-    def __cinit__(self, capacity):
+    def __cinit__(self, capacity, deflate_level=6, shared_budget=SHARED_BUDGET):
         cdef Py_ssize_t cap = _index(capacity)
+        cdef int level = _index(deflate_level)
+        cdef Py_ssize_t budget = _index(shared_budget)
         if cap <= 0:
             raise ValueError(f"capacity must be > 0, not {cap}")
+        if not -1 <= level <= 9:
+            raise ValueError(f"deflate_level must be in -1..9, not {level}")
+        if budget < 0:
+            raise ValueError(f"shared_budget must be >= 0, not {budget}")
+        self._sbudget = budget
+        self._sbytes = 0
+        self._tmp = NULL
+        self._ntmp = self._tmpcap = 0
         self._capacity = cap
+        self._level = level
         self._entries = NULL
         self._slots = NULL
         self._dirty = NULL
+        self._stab = NULL
+        self._slast = NULL
+        self._iov = NULL
+        self._hdr = NULL
+        self._smask = self._scount = self._iovcap = self._hdrcap = 0
         self._n = self._ecap = self._ndirty = self._dcap = self._total = 0
         self.frames_written = self.bytes_written = self.lines_written = 0
+        self.compressions = 0
         memset(self._batch, 0, sizeof(self._batch))
+        memset(self._comp, 0, sizeof(self._comp))
         self._rehash(_MIN_SLOTS_LOG2)
 
     def __dealloc__(self):
@@ -347,6 +475,14 @@ cdef class OutboundTable:
             PyMem_Free(self._entries)
         PyMem_Free(self._slots)
         PyMem_Free(self._dirty)
+        self._shared_clear()
+        self._free_tmp()
+        PyMem_Free(self._tmp)
+        PyMem_Free(self._stab)
+        PyMem_Free(self._iov)
+        PyMem_Free(self._hdr)
+        for i in range(16):
+            _compressor_free(&self._comp[i])
 
     # -- the hash (open addressing, linear probing, backward-shift delete) --
 
@@ -479,13 +615,16 @@ cdef class OutboundTable:
         """Pending bytes over all open connections."""
         return self._total
 
-    def open(self, cid):
-        """Start buffering for ``cid`` (ValueError if already open)."""
+    def open(self, cid, framing=FRAMING_NATIVE):
+        """Start buffering for ``cid``, uncompressed, in ``framing``
+        (ValueError if already open or an unknown framing)."""
         cdef int64_t c = _as_cid(cid)
         cdef uint32_t h
         cdef Entry* ne
         cdef Entry* e
         cdef Py_ssize_t ncap
+        cdef int f = _index(framing)
+        _check_framing(f, 0)
         if c < 0:
             raise ValueError(f"conn id {cid!r} is outside [0, 2**32)")
         if self._find(<uint32_t>c) != NULL:
@@ -508,6 +647,8 @@ cdef class OutboundTable:
         e.dirty = -1
         e.fd = -1
         e.paused = False
+        e.framing = <unsigned char>f
+        e.wbits = 0
         h = self._home(<uint32_t>c)
         while self._slots[h].idx >= 0:
             h = (h + 1) & self._mask
@@ -696,86 +837,418 @@ cdef class OutboundTable:
         """Frames by lines per frame: index i counts frames with bit_length(lines) == i."""
         return [self._batch[i] for i in range(_BATCH_BUCKETS)]
 
-    def flush(self):
-        """Write every dirty connection's pending lines as ONE text frame.
+    def set_framing(self, cid, framing, window_bits=0):
+        """How ``flush`` and ``take_frames`` encode ``cid``'s lines from now
+        on: ``framing`` one of FRAMING_*, ``window_bits`` 0 (uncompressed)
+        or 9..15 (permessage-deflate, no context takeover, that server
+        window). Lines already pending go out in the new framing. KeyError
+        if not open; ValueError for other values (a polling connection is
+        never compressed here)."""
+        cdef int f = _index(framing)
+        cdef int w = _index(window_bits)
+        _check_framing(f, w)
+        cdef Entry* e = self._get(cid)
+        e.framing = <unsigned char>f
+        e.wbits = <unsigned char>w
 
-        Pending bytes must be ``\\n``-terminated lines; the frame carries them
-        without the final newline. For each dirty id with an fd and not
-        paused, one ``writev(header, ring segments)``; its buffer is then
-        empty. Returns ``(deferred, tails)``: ``deferred`` lists the dirty ids
-        the caller must write itself (no fd, or paused; their bytes stay
-        pending), ``tails`` lists ``(cid, rest)`` where the socket took only
-        part of the frame — ``rest`` (bytes) must go to the transport next,
-        before anything else — or ``(cid, None)`` when the socket failed.
+    def framing_of(self, cid):
+        """``(framing, window_bits)`` of ``cid`` (KeyError if not open)."""
+        cdef Entry* e = self._get(cid)
+        return (e.framing, e.wbits)
+
+    # -- encoding: the frames of one connection --------------------------------
+
+    cdef int _reserve(self, Py_ssize_t niov, Py_ssize_t nheaders) except -1:
+        """Scratch for niov iovecs and nheaders plain-frame headers."""
+        cdef iovec* iov
+        cdef unsigned char* hdr
+        cdef Py_ssize_t ncap
+        if niov > self._iovcap:
+            ncap = niov if niov > 64 else 64
+            iov = <iovec*>PyMem_Realloc(self._iov, <size_t>ncap * sizeof(iovec))
+            if iov == NULL:
+                raise MemoryError()
+            self._iov = iov
+            self._iovcap = ncap
+        if 10 * nheaders > self._hdrcap:
+            ncap = 10 * nheaders if nheaders > 32 else 320
+            hdr = <unsigned char*>PyMem_Realloc(self._hdr, <size_t>ncap)
+            if hdr == NULL:
+                raise MemoryError()
+            self._hdr = hdr
+            self._hdrcap = ncap
+        return 0
+
+    cdef void _release_scratch(self) noexcept:
+        """After a flush: give back scratch that a huge batch grew."""
+        cdef int i
+        if self._iovcap > _KEEP_IOV:
+            PyMem_Free(self._iov)
+            self._iov = NULL
+            self._iovcap = 0
+            PyMem_Free(self._hdr)
+            self._hdr = NULL
+            self._hdrcap = 0
+        for i in range(9, 16):
+            _compressor_trim(&self._comp[i])
+
+    cdef void _shared_clear(self) noexcept:
+        """Forget every shared compression (end of a flush)."""
+        cdef Py_ssize_t i
+        if self._stab == NULL:
+            return
+        if self._scount:
+            for i in range(self._smask + 1):
+                if self._stab[i] != NULL:
+                    PyMem_Free(self._stab[i])
+                    self._stab[i] = NULL
+        self._scount = 0
+        self._sbytes = 0
+        self._slast = NULL
+        if self._smask + 1 > _KEEP_SHARED:
+            PyMem_Free(self._stab)
+            self._stab = NULL
+            self._smask = 0
+
+    cdef void _free_tmp(self) noexcept:
+        """Free the compressions made past the budget (their write is done)."""
+        cdef Py_ssize_t i
+        for i in range(self._ntmp):
+            PyMem_Free(self._tmp[i])
+        self._ntmp = 0
+        if self._tmpcap > 64:
+            PyMem_Free(self._tmp)
+            self._tmp = NULL
+            self._tmpcap = 0
+
+    cdef int _keep_tmp(self, Shared* s) except -1:
+        cdef Shared** tmp
+        cdef Py_ssize_t ncap
+        if self._ntmp == self._tmpcap:
+            ncap = 2 * self._tmpcap if self._tmpcap else 16
+            tmp = <Shared**>PyMem_Realloc(self._tmp, <size_t>ncap * sizeof(Shared*))
+            if tmp == NULL:
+                PyMem_Free(s)
+                raise MemoryError()
+            self._tmp = tmp
+            self._tmpcap = ncap
+        self._tmp[self._ntmp] = s
+        self._ntmp += 1
+        return 0
+
+    cdef int _shared_grow(self) except -1:
+        cdef Py_ssize_t nslots = (self._smask + 1) * 2 if self._stab != NULL else _MIN_SHARED
+        cdef Shared** tab = <Shared**>PyMem_Malloc(<size_t>nslots * sizeof(Shared*))
+        cdef Py_ssize_t i, j
+        cdef Shared* s
+        if tab == NULL:
+            raise MemoryError()
+        memset(tab, 0, <size_t>nslots * sizeof(Shared*))
+        if self._stab != NULL:
+            for i in range(self._smask + 1):
+                s = self._stab[i]
+                if s == NULL:
+                    continue
+                j = <Py_ssize_t>(s.hash & <uint64_t>(nslots - 1))
+                while tab[j] != NULL:
+                    j = (j + 1) & (nslots - 1)
+                tab[j] = s
+            PyMem_Free(self._stab)
+        self._stab = tab
+        self._smask = nslots - 1
+        return 0
+
+    cdef Shared* _shared(self, const char* p, Py_ssize_t n, int wbits) except NULL:
+        """The compressed frame of message p[:n] for window ``wbits``:
+        compressed on the first request of this flush, then reused. Past the
+        budget, a new compression is kept only until ``_free_tmp``."""
+        cdef Shared* s = self._slast
+        cdef uint64_t h
+        cdef Py_ssize_t i, clen, hlen
+        cdef Compressor* comp
+        if (s != NULL and s.keylen == n and s.wbits == wbits
+                and memcmp(_shared_key(s), p, <size_t>n) == 0):
+            return s
+        if self._stab == NULL or 2 * (self._scount + 1) > self._smask + 1:
+            self._shared_grow()
+        h = _hash(p, n, wbits)
+        i = <Py_ssize_t>(h & <uint64_t>self._smask)
+        while True:
+            s = self._stab[i]
+            if s == NULL:
+                break
+            if (s.hash == h and s.keylen == n and s.wbits == wbits
+                    and memcmp(_shared_key(s), p, <size_t>n) == 0):
+                self._slast = s
+                return s
+            i = (i + 1) & self._smask
+        comp = &self._comp[wbits]
+        if not comp.ready:
+            _compressor_init(comp, self._level, wbits)
+        clen = _compress(comp, p, n)
+        hlen = _header_size(clen)
+        s = <Shared*>PyMem_Malloc(sizeof(Shared) + <size_t>(n + hlen + clen))
+        if s == NULL:
+            raise MemoryError()
+        s.hash = h
+        s.keylen = n
+        s.framelen = hlen + clen
+        s.wbits = wbits
+        memcpy(_shared_key(s), p, <size_t>n)
+        _write_header(<unsigned char*>_shared_frame(s), <unsigned long long>clen, 1, True, True)
+        memcpy(_shared_frame(s) + hlen, comp.out, <size_t>clen)
+        self.compressions += 1
+        if self._sbytes + n + s.framelen > self._sbudget:
+            self._keep_tmp(s)
+            return s
+        self._stab[i] = s
+        self._scount += 1
+        self._sbytes += n + s.framelen
+        self._slast = s
+        return s
+
+    cdef inline Py_ssize_t _add_message(self, Py_ssize_t niov, Py_ssize_t k,
+                                        const char* p, Py_ssize_t n, int wbits,
+                                        Py_ssize_t* size) except -1:
+        """Append the iovecs of one message's frame (header k of the scratch
+        for a plain one); returns the new iovec count."""
+        cdef Shared* s
+        cdef unsigned char* hdr
+        cdef Py_ssize_t hlen
+        if wbits:
+            s = self._shared(p, n, wbits)
+            self._iov[niov].iov_base = _shared_frame(s)
+            self._iov[niov].iov_len = <size_t>s.framelen
+            size[0] += s.framelen
+            return niov + 1
+        hdr = self._hdr + 10 * k
+        hlen = _write_header(hdr, <unsigned long long>n, 1, True, False)
+        self._iov[niov].iov_base = hdr
+        self._iov[niov].iov_len = <size_t>hlen
+        niov += 1
+        if n:
+            self._iov[niov].iov_base = <void*>p
+            self._iov[niov].iov_len = <size_t>n
+            niov += 1
+        size[0] += hlen + n
+        return niov
+
+    cdef Py_ssize_t _encode(self, Entry* e, Py_ssize_t* size, Py_ssize_t* lines) except -1:
+        """Fill the iovec scratch with the frames of e's pending lines (not
+        consumed; they must stay put until written). Returns the iovec
+        count; size = wire bytes, lines = lines (the frames: 1 when native,
+        ``lines`` when one per line)."""
+        cdef Ring* r = &e.ring
+        cdef const char* data
+        cdef const char* p
+        cdef const char* q
+        cdef const char* end
+        cdef Py_ssize_t n, nlines, niov = 0, k = 0
+        cdef int wbits = e.wbits
+        _ring_linearize(r)
+        data = r.buf + r.head
+        n = r.size - 1  # without the final newline
+        nlines = 1 + _count_newlines(data, n)
+        lines[0] = nlines
+        size[0] = 0
+        if e.framing == _NATIVE:
+            self._reserve(2, 1)
+            return self._add_message(0, 0, data, n, wbits, size)
+        self._reserve(2 * nlines, 0 if wbits else nlines)
+        p = data
+        end = data + n
+        while True:
+            q = <const char*>memchr(p, 10, <size_t>(end - p)) if p < end else NULL
+            if q == NULL:
+                return self._add_message(niov, k, p, end - p, wbits, size)
+            niov = self._add_message(niov, k, p, q - p, wbits, size)
+            k += 1
+            p = q + 1
+
+    cdef void _count_encoded(self, Entry* e, Py_ssize_t size, Py_ssize_t lines) noexcept:
+        if e.framing == _NATIVE:
+            self._count_frame(size, lines)
+        else:  # one frame per line
+            self.frames_written += lines
+            self.lines_written += lines
+            self.bytes_written += size
+            self._batch[1] += lines
+
+    cdef inline void _drop(self, Entry* e) noexcept:
+        self._total -= e.ring.size
+        _ring_release(&e.ring)
+
+    def take_frames(self, cid):
+        """The frames of ``cid``'s pending lines, exactly as ``flush`` would
+        write them (framing and compression), for a caller that writes
+        itself (TLS, no fd); the buffer is then empty. Counted as ``flush``
+        counts. ValueError for a polling connection (``take_payload``)."""
+        cdef Entry* e = self._get(cid)
+        cdef Py_ssize_t niov, size, lines
+        cdef bytes out
+        if e.framing == _POLLING:
+            raise ValueError(f"conn id {cid!r} is polling: use take_payload")
+        if e.ring.size == 0:
+            return _EMPTY
+        try:
+            niov = self._encode(e, &size, &lines)
+            out = PyBytes_FromStringAndSize(NULL, size)
+            _copy_iov_from(self._iov, <int>niov, 0, PyBytes_AS_STRING(out))
+        finally:
+            self._free_tmp()
+        self._count_encoded(e, size, lines)
+        self._drop(e)
+        return out
+
+    def take_payload(self, cid, sep=b"\x1e"):
+        """``cid``'s pending lines without their newlines, joined by ``sep``
+        (an Engine.IO long-poll payload); the buffer is then empty. Counted
+        as one frame of that many lines."""
+        cdef Entry* e = self._get(cid)
+        cdef Py_buffer view
+        cdef const char* data
+        cdef const char* p
+        cdef const char* q
+        cdef const char* end
+        cdef char* o
+        cdef Py_ssize_t n, nlines, total
+        cdef bytes out
+        PyObject_GetBuffer(sep, &view, PyBUF_SIMPLE)
+        try:
+            if e.ring.size == 0:
+                return _EMPTY
+            _ring_linearize(&e.ring)
+            data = e.ring.buf + e.ring.head
+            n = e.ring.size - 1
+            nlines = 1 + _count_newlines(data, n)
+            total = n + (nlines - 1) * (view.len - 1)
+            out = PyBytes_FromStringAndSize(NULL, total)
+            o = PyBytes_AS_STRING(out)
+            p = data
+            end = data + n
+            while True:
+                q = <const char*>memchr(p, 10, <size_t>(end - p)) if p < end else NULL
+                if q == NULL:
+                    memcpy(o, p, <size_t>(end - p))
+                    break
+                memcpy(o, p, <size_t>(q - p))
+                o += q - p
+                memcpy(o, view.buf, <size_t>view.len)
+                o += view.len
+                p = q + 1
+        finally:
+            PyBuffer_Release(&view)
+        self._count_frame(total, nlines)
+        self._drop(e)
+        return out
+
+    # -- the flush pass ------------------------------------------------------
+
+    def flush(self):
+        """Write every dirty connection's pending lines in its framing.
+
+        Pending bytes must be ``\\n``-terminated lines. For each dirty id with
+        an fd, not paused and not polling: its frames (``take_frames``'
+        bytes) in one writev (more past IOV_MAX iovecs); its buffer is then
+        empty. A compressed message is compressed once per window size for
+        every connection of this flush that sends it. Returns ``(deferred,
+        tails)``: ``deferred`` lists the dirty ids the caller must write
+        itself (no fd, paused or polling; their bytes stay pending),
+        ``tails`` lists ``(cid, rest)`` where the socket took only part of
+        the frames — ``rest`` (bytes) must go to the transport next, before
+        anything else — or ``(cid, None)`` when the socket failed.
         """
         cdef list deferred = []
         cdef list tails = []
-        cdef Py_ssize_t i, first, n, total, lines, sent
-        cdef int j
+        cdef Py_ssize_t i = 0
+        cdef Py_ssize_t j, niov, size, lines, sent
         cdef int64_t c
         cdef Entry* e
-        cdef Ring* r
-        cdef unsigned char header[10]
-        cdef Py_ssize_t hlen
-        cdef iovec iov[3]
-        cdef int niov
         cdef bytes rest
-        cdef char* out
-        cdef const char* seg
-        for i in range(self._ndirty):
-            c = self._dirty[i]
-            if c < 0:
-                continue
-            e = self._find(<uint32_t>c)
-            if e == NULL:
-                continue
-            e.dirty = -1
-            r = &e.ring
-            if r.size == 0:
-                continue
-            if e.fd < 0 or e.paused:
-                deferred.append(c)
-                continue
-            n = r.size - 1  # payload: without the final newline
-            hlen = _write_header(header, <unsigned long long>n, 1, True, False)
-            iov[0].iov_base = header
-            iov[0].iov_len = hlen
-            first = r.alloc - r.head
-            if first >= n:
-                iov[1].iov_base = r.buf + r.head
-                iov[1].iov_len = n
-                niov = 2
-            else:
-                iov[1].iov_base = r.buf + r.head
-                iov[1].iov_len = first
-                iov[2].iov_base = r.buf
-                iov[2].iov_len = n - first
-                niov = 3
-            lines = 1
-            for j in range(1, niov):
-                seg = <const char*>iov[j].iov_base
-                lines += _count_newlines(seg, <Py_ssize_t>iov[j].iov_len)
-            total = hlen + n
-            while True:
-                sent = writev(e.fd, iov, niov)
-                if sent >= 0 or errno != EINTR:
-                    break
-            if sent == total:
-                self._count_frame(total, lines)
-            elif sent >= 0 or errno == EAGAIN or errno == EWOULDBLOCK:
-                if sent < 0:
-                    sent = 0
-                rest = PyBytes_FromStringAndSize(NULL, total - sent)
-                out = PyBytes_AS_STRING(rest)
-                _copy_iov_from(iov, niov, sent, out)
-                tails.append((c, rest))
-                self._count_frame(total, lines)
-            else:
-                tails.append((c, None))
-            self._total -= r.size
-            _ring_release(r)
-        self._ndirty = 0
+        self._shared_clear()  # what take_frames shared since the last flush
+        try:
+            while i < self._ndirty:
+                c = self._dirty[i]
+                if c < 0:
+                    i += 1
+                    continue
+                e = self._find(<uint32_t>c)
+                if e == NULL:
+                    i += 1
+                    continue
+                if e.ring.size == 0:
+                    e.dirty = -1
+                    i += 1
+                    continue
+                if e.fd < 0 or e.paused or e.framing == _POLLING:
+                    deferred.append(c)
+                    e.dirty = -1
+                    i += 1
+                    continue
+                niov = self._encode(e, &size, &lines)
+                sent = _writev_all(e.fd, self._iov, niov)
+                if sent == size:
+                    pass
+                elif sent >= 0:
+                    rest = PyBytes_FromStringAndSize(NULL, size - sent)
+                    _copy_iov_from(self._iov, <int>niov, sent, PyBytes_AS_STRING(rest))
+                    tails.append((c, rest))
+                else:
+                    tails.append((c, None))
+                self._free_tmp()
+                if sent >= 0:
+                    self._count_encoded(e, size, lines)
+                self._drop(e)
+                e.dirty = -1
+                i += 1
+        finally:
+            # Normally every id was handled; after an error (MemoryError) the
+            # ids not handled yet stay dirty, at the front of the array.
+            j = 0
+            while i < self._ndirty:
+                c = self._dirty[i]
+                i += 1
+                if c < 0:
+                    continue
+                e = self._find(<uint32_t>c)
+                if e == NULL or e.dirty < 0:
+                    continue
+                self._dirty[j] = c
+                e.dirty = j
+                j += 1
+            self._ndirty = j
+            self._free_tmp()
+            self._shared_clear()
+            self._release_scratch()
         return deferred, tails
+
+
+cdef Py_ssize_t _writev_all(int fd, iovec* iov, Py_ssize_t niov) noexcept:
+    """writev all of iov, IOV_MAX at a time, until the socket takes less:
+    the bytes written, or -1 when the socket failed (not EAGAIN)."""
+    cdef Py_ssize_t done = 0
+    cdef Py_ssize_t i = 0
+    cdef Py_ssize_t cnt, want, sent, j
+    while i < niov:
+        cnt = niov - i
+        if cnt > _IOV_MAX:
+            cnt = _IOV_MAX
+        want = 0
+        for j in range(i, i + cnt):
+            want += <Py_ssize_t>iov[j].iov_len
+        while True:
+            sent = writev(fd, iov + i, <int>cnt)
+            if sent >= 0 or errno != EINTR:
+                break
+        if sent < 0:
+            if errno == EAGAIN or errno == EWOULDBLOCK:
+                return done
+            return -1
+        done += sent
+        if sent < want:
+            return done
+        i += cnt
+    return done
 
 
 cdef inline Py_ssize_t _count_newlines(const char* p, Py_ssize_t n) noexcept:

@@ -4,7 +4,9 @@ Same names and behaviour as the compiled ``ringbuf`` (see its docstring and
 docs/architecture.md). Storage is a bytearray; ``RingBuffer.allocated``
 reports the storage the compiled ring would hold under the same policy
 (``MIN_ALLOC`` on the first append, doubled up to the capacity, 0 once
-drained), so both implementations report identical numbers.
+drained), so both implementations report identical numbers. The flush
+encodes with ``frames_py`` (same zlib parameters as the compiled module, so
+compressed frames are byte-identical) and shares compressions in a dict.
 """
 from __future__ import annotations
 
@@ -14,12 +16,20 @@ import sys
 from array import array
 from operator import index as _index
 
-from .frames_py import frame_header
 from typing import Iterable, Union
 
-__all__ = ["RingBuffer", "OutboundTable", "MIN_ALLOC"]
+from .frames_py import Deflater, frame_header
+
+__all__ = ["RingBuffer", "OutboundTable", "MIN_ALLOC", "SHARED_BUDGET",
+           "FRAMING_NATIVE", "FRAMING_EIO_WS", "FRAMING_POLLING"]
 
 MIN_ALLOC = 64
+SHARED_BUDGET = 1 << 22  # default: bytes of messages + frames one flush keeps
+FRAMING_NATIVE = 0   # all pending lines as ONE text frame, joined by \n
+FRAMING_EIO_WS = 1   # one text frame per pending line (an Engine.IO packet)
+FRAMING_POLLING = 2  # never written by flush: a long-poll answers it
+_FRAMINGS = (FRAMING_NATIVE, FRAMING_EIO_WS, FRAMING_POLLING)
+_IOV_MAX = 1024      # iovecs per writev (Linux, macOS)
 
 _U32_MAX = 0xFFFFFFFF
 # 1-D buffers of native-order 4-byte unsigned ints are read as ids directly
@@ -61,6 +71,18 @@ def _grown(alloc: int, need: int, cap: int) -> int:
             return cap
         a <<= 1
     return a if a < cap else cap
+
+
+def _check_framing(framing: object, window_bits: object) -> tuple[int, int]:
+    f = _index(framing)
+    w = _index(window_bits)
+    if f not in _FRAMINGS:
+        raise ValueError(f"unknown framing {f!r}")
+    if w != 0 and not 9 <= w <= 15:
+        raise ValueError(f"window_bits must be 0 (uncompressed) or 9..15, not {w}")
+    if w and f == FRAMING_POLLING:
+        raise ValueError("a polling connection is not compressed by the table")
+    return f, w
 
 
 def _cid_or_none(cid: object) -> int | None:
@@ -155,13 +177,37 @@ def _u32_ids(cids: object) -> Iterable[int] | None:
 
 
 class OutboundTable:
-    """One bounded buffer per open connection: ``OutboundTable(capacity)``."""
+    """One bounded ring buffer per open connection:
+    ``OutboundTable(capacity, deflate_level=6, shared_budget=SHARED_BUDGET)``.
+
+    ``deflate_level`` is zlib's level for compressed connections;
+    ``shared_budget`` bounds the bytes (messages + their frames) that one
+    flush keeps to share compressions: past it, a new compression serves
+    only the connection being written."""
 
     __slots__ = ("_bufs", "_dirty", "_capacity", "_total", "_fds", "_paused",
-                 "frames_written", "bytes_written", "lines_written", "_batch")
+                 "frames_written", "bytes_written", "lines_written", "_batch",
+                 "_framing", "_level", "_deflaters", "_shared", "_shared_bytes",
+                 "_budget", "compressions")
 
-    def __init__(self, capacity: int) -> None:
+    def __init__(self, capacity: int, deflate_level: int = 6,
+                 shared_budget: int = SHARED_BUDGET) -> None:
         self._capacity = _capacity(capacity)
+        level = _index(deflate_level)
+        if not -1 <= level <= 9:
+            raise ValueError(f"deflate_level must be in -1..9, not {level}")
+        budget = _ssize(shared_budget)
+        if budget < 0:
+            raise ValueError(f"shared_budget must be >= 0, not {budget}")
+        self._budget = budget
+        self._shared_bytes = 0
+        self._level = level
+        self._framing: dict[int, tuple[int, int]] = {}  # only non-default ones
+        self._deflaters: dict[int, Deflater] = {}
+        # (window bits, message) -> compressed frame; lives until the end of
+        # a flush (take_frames' entries until the next flush starts).
+        self._shared: dict[tuple[int, bytes], bytes] = {}
+        self.compressions = 0
         self._bufs: dict[int, bytearray] = {}
         self._dirty: dict[int, None] = {}  # insertion order = first-dirtied order
         self._total = 0
@@ -189,14 +235,18 @@ class OutboundTable:
         """Pending bytes over all open connections."""
         return self._total
 
-    def open(self, cid: int) -> None:
-        """Start buffering for ``cid`` (ValueError if already open)."""
+    def open(self, cid: int, framing: int = FRAMING_NATIVE) -> None:
+        """Start buffering for ``cid``, uncompressed, in ``framing``
+        (ValueError if already open or an unknown framing)."""
+        f, _ = _check_framing(framing, 0)
         c = _cid_or_none(cid)
         if c is None:
             raise ValueError(f"conn id {cid!r} is outside [0, 2**32)")
         if c in self._bufs:
             raise ValueError(f"conn id {cid!r} is already open")
         self._bufs[c] = bytearray()
+        if f != FRAMING_NATIVE:
+            self._framing[c] = (f, 0)
 
     def close(self, cid: int) -> None:
         """Stop buffering for ``cid``, dropping its pending bytes (no error if unknown)."""
@@ -207,6 +257,7 @@ class OutboundTable:
             self._dirty.pop(cid, None)
             self._fds.pop(cid, None)
             self._paused.discard(cid)
+            self._framing.pop(cid, None)
 
     def is_open(self, cid: int) -> bool:
         return _index(cid) in self._bufs
@@ -320,45 +371,153 @@ class OutboundTable:
         """Frames by lines per frame: index i counts frames with bit_length(lines) == i."""
         return list(self._batch)
 
-    def flush(self) -> tuple[list[int], list[tuple[int, bytes | None]]]:
-        """Write every dirty connection's pending lines as ONE text frame.
+    def set_framing(self, cid: int, framing: int, window_bits: int = 0) -> None:
+        """How ``flush`` and ``take_frames`` encode ``cid``'s lines from now
+        on: ``framing`` one of FRAMING_*, ``window_bits`` 0 (uncompressed)
+        or 9..15 (permessage-deflate, no context takeover, that server
+        window). Lines already pending go out in the new framing. KeyError
+        if not open; ValueError for other values (a polling connection is
+        never compressed here)."""
+        kind = _check_framing(framing, window_bits)
+        self._get(cid)
+        if kind == (FRAMING_NATIVE, 0):
+            self._framing.pop(_index(cid), None)
+        else:
+            self._framing[_index(cid)] = kind
 
-        Pending bytes must be ``\\n``-terminated lines; the frame carries them
-        without the final newline. For each dirty id with an fd and not
-        paused, one ``writev(header, payload)``; its buffer is then empty.
-        Returns ``(deferred, tails)``: ``deferred`` lists the dirty ids the
-        caller must write itself (no fd, or paused; their bytes stay
-        pending), ``tails`` lists ``(cid, rest)`` where the socket took only
-        part of the frame — ``rest`` must go to the transport next, before
+    def framing_of(self, cid: int) -> tuple[int, int]:
+        """``(framing, window_bits)`` of ``cid`` (KeyError if not open)."""
+        self._get(cid)
+        return self._framing.get(_index(cid), (FRAMING_NATIVE, 0))
+
+    # -- encoding: the frames of one connection --------------------------------
+
+    def _compressed_frame(self, message: bytes, window_bits: int) -> bytes:
+        key = (window_bits, message)
+        frame = self._shared.get(key)
+        if frame is None:
+            deflater = self._deflaters.get(window_bits)
+            if deflater is None:
+                deflater = self._deflaters[window_bits] = Deflater(self._level, window_bits)
+            payload = deflater.compress(message)
+            frame = frame_header(len(payload), rsv1=True) + payload
+            self.compressions += 1
+            size = len(message) + len(frame)
+            if self._shared_bytes + size <= self._budget:  # else: this write only
+                self._shared[key] = frame
+                self._shared_bytes += size
+        return frame
+
+    def _clear_shared(self) -> None:
+        self._shared.clear()
+        self._shared_bytes = 0
+
+    def _encode(self, pending: bytearray, framing: int, window_bits: int) -> list[bytes]:
+        """The frames of ``pending`` (``\\n``-terminated lines) as a list of
+        buffers to write in order."""
+        body = bytes(pending[:-1])  # without the final newline
+        messages = [body] if framing == FRAMING_NATIVE else body.split(b"\n")
+        if window_bits:
+            return [self._compressed_frame(m, window_bits) for m in messages]
+        parts: list[bytes] = []
+        for message in messages:
+            parts.append(frame_header(len(message)))
+            if message:
+                parts.append(message)
+        return parts
+
+    def _count_encoded(self, framing: int, size: int, lines: int) -> None:
+        if framing == FRAMING_NATIVE:
+            self.count_frame(size, lines)
+        else:  # one frame per line
+            self.frames_written += lines
+            self.lines_written += lines
+            self.bytes_written += size
+            self._batch[1] += lines
+
+    def _drop(self, cid: int, buf: bytearray) -> None:
+        self._total -= len(buf)
+        self._bufs[cid] = bytearray()
+
+    def take_frames(self, cid: int) -> bytes:
+        """The frames of ``cid``'s pending lines, exactly as ``flush`` would
+        write them (framing and compression), for a caller that writes
+        itself (TLS, no fd); the buffer is then empty. Counted as ``flush``
+        counts. ValueError for a polling connection (``take_payload``)."""
+        buf = self._get(cid)
+        cid = _index(cid)
+        framing, window_bits = self._framing.get(cid, (FRAMING_NATIVE, 0))
+        if framing == FRAMING_POLLING:
+            raise ValueError(f"conn id {cid!r} is polling: use take_payload")
+        if not buf:
+            return b""
+        data = b"".join(self._encode(buf, framing, window_bits))
+        self._count_encoded(framing, len(data), buf.count(b"\n", 0, len(buf) - 1) + 1)
+        self._drop(cid, buf)
+        return data
+
+    def take_payload(self, cid: int, sep: Buffer = b"\x1e") -> bytes:
+        """``cid``'s pending lines without their newlines, joined by ``sep``
+        (an Engine.IO long-poll payload); the buffer is then empty. Counted
+        as one frame of that many lines."""
+        buf = self._get(cid)
+        sep = bytes(memoryview(sep))
+        if not buf:
+            return b""
+        lines = bytes(buf[:-1]).split(b"\n")
+        data = sep.join(lines)
+        self.count_frame(len(data), len(lines))
+        self._drop(_index(cid), buf)
+        return data
+
+    # -- the flush pass ------------------------------------------------------
+
+    def flush(self) -> tuple[list[int], list[tuple[int, bytes | None]]]:
+        """Write every dirty connection's pending lines in its framing.
+
+        Pending bytes must be ``\\n``-terminated lines. For each dirty id with
+        an fd, not paused and not polling: its frames (``take_frames``'
+        bytes) in one writev (more past IOV_MAX buffers); its buffer is then
+        empty. A compressed message is compressed once per window size for
+        every connection of this flush that sends it. Returns ``(deferred,
+        tails)``: ``deferred`` lists the dirty ids the caller must write
+        itself (no fd, paused or polling; their bytes stay pending),
+        ``tails`` lists ``(cid, rest)`` where the socket took only part of
+        the frames — ``rest`` (bytes) must go to the transport next, before
         anything else — or ``(cid, None)`` when the socket failed.
         """
         deferred: list[int] = []
         tails: list[tuple[int, bytes | None]] = []
-        for cid in self.take_dirty():
-            buf = self._bufs[cid]
-            if not buf:
-                continue
-            fd = self._fds.get(cid)
-            if fd is None or cid in self._paused:
-                deferred.append(cid)
-                continue
-            payload = bytes(buf[:-1])
-            header = frame_header(len(payload))
-            total = len(header) + len(payload)
-            try:
-                sent = os.writev(fd, [header, payload])
-            except (BlockingIOError, InterruptedError):
-                sent = 0
-            except OSError:
-                sent = -1
-            if sent < 0:
-                tails.append((cid, None))
-            else:
-                if sent < total:
-                    tails.append((cid, (header + payload)[sent:]))
-                self.count_frame(total, payload.count(b"\n") + 1)
-            self._total -= len(buf)
-            self._bufs[cid] = bytearray()
+        self._clear_shared()  # what take_frames shared since the last flush
+        try:
+            for cid in self.take_dirty():
+                buf = self._bufs[cid]
+                if not buf:
+                    continue
+                fd = self._fds.get(cid)
+                framing, window_bits = self._framing.get(cid, (FRAMING_NATIVE, 0))
+                if fd is None or cid in self._paused or framing == FRAMING_POLLING:
+                    deferred.append(cid)
+                    continue
+                parts = self._encode(buf, framing, window_bits)
+                size = sum(map(len, parts))
+                if len(parts) > _IOV_MAX:
+                    parts = [b"".join(parts)]
+                try:
+                    sent = os.writev(fd, parts)
+                except (BlockingIOError, InterruptedError):
+                    sent = 0
+                except OSError:
+                    sent = -1
+                if sent < 0:
+                    tails.append((cid, None))
+                else:
+                    if sent < size:
+                        tails.append((cid, b"".join(parts)[sent:]))
+                    self._count_encoded(framing, size, buf.count(b"\n", 0, len(buf) - 1) + 1)
+                self._drop(cid, buf)
+        finally:
+            self._clear_shared()
         return deferred, tails
 
 

@@ -92,6 +92,10 @@ class Session(abc.ABC):
     def abort(self) -> None:
         """Drop the session's connection now, without a closing handshake."""
 
+    def tick(self, now: float, wall: float) -> None:
+        """Once a second or so (``now``: loop time; ``wall``: unix time):
+        liveness pings and token expiry, where the protocol has them."""
+
     # Output the C flush could not write itself -----------------------------
     @abc.abstractmethod
     def write_pending(self, force: bool = False) -> None:
@@ -112,10 +116,18 @@ class SessionHost(Protocol):
     loop: asyncio.AbstractEventLoop
     bad_commands: int
 
-    def open_session(self, session: Session, fd: int = -1) -> None:
-        """Give ``session`` a cid and an outbound buffer; with ``fd`` (a dup of
-        its socket, which the host closes in ``session_closed``), the C flush
-        writes its frames directly."""
+    def open_session(self, session: Session, fd: int = -1, framing: int = 0,
+                     window_bits: int = 0) -> None:
+        """Give ``session`` a cid and an outbound buffer of a framing kind
+        (``broker._fastpath.FRAMING_*``; ``window_bits`` > 0: permessage-deflate);
+        with ``fd`` (a dup of its socket, which the host closes in
+        ``session_closed``), the C flush writes its frames directly."""
+
+    def set_framing(self, session: Session, framing: int, window_bits: int = 0) -> None:
+        """Change how the session's lines go out (polling → WebSocket)."""
+
+    def set_fd(self, session: Session, fd: int) -> None:
+        """Give the C flush a new socket dup for the session (-1: none)."""
 
     def set_paused(self, session: Session, paused: bool) -> None:
         """The session's transport holds unsent bytes (True) or is empty again."""
@@ -130,12 +142,13 @@ class SessionHost(Protocol):
     def queue(self, session: Session, line: bytes) -> None:
         """Queue one outbound line; a full buffer is a slow consumer (1013)."""
 
-    def take_pending(self, session: Session) -> bytes:
-        """Everything queued for ``session`` (newline-terminated lines); empties it."""
+    def take_frames(self, session: Session) -> bytes:
+        """Everything queued for ``session`` as its framing writes it
+        (WebSocket frames, compressed where negotiated); empties it."""
+        ...
 
-    def batch_frame(self, payload: bytes, deflate: bool, window_bits: int) -> bytes:
-        """Pending lines as one native text frame, compressed once per flush
-        for every connection that shares the same batch."""
+    def take_payload(self, session: Session, sep: bytes = b"\x1e") -> bytes:
+        """Everything queued for ``session``, lines joined by ``sep``; empties it."""
         ...
 
     def flush_session(self, session: Session, force: bool = False) -> None:
@@ -150,6 +163,11 @@ class SessionHost(Protocol):
 
     def unsubscribe(self, session: Session, channel: str) -> None:
         """Leave ``channel`` (no error when not subscribed)."""
+
+    async def publish(self, channel: str, data_json: bytes) -> "Position":
+        """Sequence, store and deliver one publication (backends: no policy
+        check). EngineUnavailable when it cannot be stored: never a false ack."""
+        ...
 
     async def client_publish(self, session: Session, channel: str, data_json: bytes) -> "Position":
         """Publish for a client where its namespace allows it (ProtocolViolation

@@ -69,7 +69,10 @@ class Engine(abc.ABC):
         """The last local subscriber of ``channel`` left."""
 
     def sweep(self, is_active: Callable[[str], bool]) -> int:
-        """Forget idle channel state (none is active locally); returns how many."""
+        """Forget idle channel state; returns how many. ``is_active(channel)``
+        says whether the channel has a subscriber on this shard; an engine
+        that knows of followers elsewhere (other shards, other hosts) must
+        keep their channels too."""
         return 0
 
     def resync_home(self, shard_id: int) -> None:  # noqa: B027 - an optional hook: only a cluster has homes

@@ -103,14 +103,22 @@ class ClusterEngine(Engine):
         cursor = await self._live(channel)
         cursor.pending += 1
         try:
-            return await self._recover_remote(home, channel, cursor, epoch, offset)
+            recovery = await self._recover_remote(home, channel, cursor, epoch, offset)
         finally:
             cursor.pending -= 1
+        if self._cursors.get(channel) is not cursor:
+            # The stream was lost meanwhile (its subscribers were told): this
+            # subscriber joins it again from where it stands now.
+            cursor = await self._live(channel)
+            return Recovery(Position(cursor.epoch, cursor.offset), False)
+        return recovery
 
     async def _recover_remote(self, home: int, channel: str, cursor: _Cursor,
                               epoch: str, offset: int) -> Recovery:
         """Missed publications up to the cursor (what the live stream has
         delivered here): everything after it reaches the client live."""
+        if epoch == cursor.epoch and offset > cursor.offset:
+            await self._catch_up(home, channel, cursor, offset)
         if epoch != cursor.epoch or offset > cursor.offset:
             return Recovery(Position(cursor.epoch, cursor.offset), False)
         # Up to the cursor as it is when the fetch ends: what it moved on by
@@ -121,6 +129,24 @@ class ClusterEngine(Engine):
             return Recovery(Position(cursor.epoch, cursor.offset), False)
         return Recovery(Position(cursor.epoch, cursor.offset), True,
                         [p for p in collected if p[0] <= cursor.offset])
+
+    async def _catch_up(self, home: int, channel: str, cursor: _Cursor, offset: int) -> None:
+        """A client knows ``offset`` (seen through another shard) before the
+        stream brought it here. If the home has it in the same epoch, wait
+        (at most the request timeout) for the cursor to get there, rather
+        than tell the client it lost something it did not."""
+        try:
+            home_epoch, last, _ = await self._fetch(home, channel, offset, 1)
+        except EngineUnavailable:
+            return
+        if home_epoch != cursor.epoch or last < offset:
+            return
+        # Polled: this is a reconnect racing the stream, rare enough that the
+        # hot path (_advance) should not pay for waking waiters.
+        give_up = asyncio.get_running_loop().time() + self.config.cluster.request_timeout
+        while (cursor.offset < offset and self._cursors.get(channel) is cursor
+               and asyncio.get_running_loop().time() < give_up):
+            await asyncio.sleep(0.005)
 
     async def _history_range(self, home: int, channel: str, epoch: str, since: int,
                              upto: Callable[[], int]) -> list[tuple[int, bytes]] | str:
@@ -156,7 +182,22 @@ class ClusterEngine(Engine):
             self.router.unsubscribe(channel)
 
     def sweep(self, is_active: Callable[[str], bool]) -> int:
-        return self.local.sweep(is_active)
+        """Forget idle state. A channel homed here is idle only when no shard
+        follows it: ``is_active`` knows this shard's subscribers, the XPUB
+        knows which channels other shards subscribed to. Dropping a channel
+        only another shard follows would give its next publication a new
+        epoch, and that shard would declare a stream lost that lost nothing.
+
+        A cursor with no local subscriber left (its subscribe was abandoned
+        while the cursor synced, so ``release`` never came) is released here,
+        or the home would keep the channel for nobody."""
+        router = self.router
+        router.read_subscriptions()
+        swept = self.local.sweep(lambda channel: is_active(channel) or router.followed(channel))
+        for channel in [c for c in self._cursors if not is_active(c)]:
+            self.release(channel)
+            swept += channel not in self._cursors
+        return swept
 
     def stats(self) -> dict[str, int]:
         return {**self.local.stats(), "remote_channels": len(self._cursors),

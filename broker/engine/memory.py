@@ -1,11 +1,25 @@
 """The embedded single-host engine: channel state lives in this process.
 
-Each channel gets an epoch when its state is created; if the state is ever
-dropped (idle sweep) and created again, the new epoch tells clients their
-old offsets mean nothing now (``recovered: false``), never a silent jump.
+A channel's epoch names one sequence of its offsets. The idle sweep drops
+the state of a channel nobody follows once its history is empty. When such
+a channel is created again:
+
+- if it had publications (last offset > 0), it gets a new epoch: its old
+  offsets must never be reused, so clients holding them learn
+  ``recovered: false``, never a silent jump;
+- if it never had one (last offset 0), nothing was lost, and it gets the
+  same epoch back: a client or a following shard at (epoch, 0) continues.
+
+Without per-channel memory: the epoch of a new state is the engine's
+random base plus a generation counter of the channel's bucket (a hash of
+its name), and dropping a channel that had publications bumps its
+bucket's generation. A bump can give a never-published neighbour in the
+same bucket a new epoch too; that costs its clients a needless
+``recovered: false``, never a wrong ``true`` (docs/decisions.md, issue 7).
 """
 from __future__ import annotations
 
+import logging
 import secrets
 import time
 from typing import Callable
@@ -16,7 +30,11 @@ from ..errors import EngineUnavailable
 from .base import DeliverFn, Engine, Position, Recovery
 from .journal import ChannelLog, Journal
 
-__all__ = ["MemoryEngine"]
+__all__ = ["EPOCH_BUCKETS", "MemoryEngine"]
+
+log = logging.getLogger("broker.engine.memory")
+
+EPOCH_BUCKETS = 4096  # generation counters for the epochs of re-created channels
 
 
 class _ChannelState:
@@ -37,8 +55,8 @@ class MemoryEngine(Engine):
         self._config = config
         self._clock = clock
         self._channels: dict[str, _ChannelState] = {}
-        self._epoch_base = secrets.token_hex(4)
-        self._created = 0
+        self._epoch_base = secrets.token_hex(4)  # a new process never repeats an old epoch
+        self._generations = [0] * EPOCH_BUCKETS
         self._journal = journal
         self._compaction_due = False
         # How to run compaction soon, outside the publish in progress
@@ -67,11 +85,15 @@ class MemoryEngine(Engine):
         state = self._channels.get(channel)
         if state is None:
             size, ttl = self._bounds(channel)
-            self._created += 1
-            state = _ChannelState(f"{self._epoch_base}{self._created:x}", HistoryWindow(size, ttl))
+            state = _ChannelState(self._new_epoch(channel), HistoryWindow(size, ttl))
             self._write(Journal.record_channel, channel, state.epoch, 0)
             self._channels[channel] = state
         return state
+
+    def _new_epoch(self, channel: str) -> str:
+        """The epoch of a new state: the same as the channel's previous state
+        in this process unless that one had publications (see the module doc)."""
+        return f"{self._epoch_base}{self._generations[hash(channel) % EPOCH_BUCKETS]:x}"
 
     def _write(self, method: Callable[..., None], *args: object) -> None:
         """Journal first: what is not written is not acknowledged."""
@@ -146,8 +168,11 @@ class MemoryEngine(Engine):
         return True
 
     def sweep(self, is_active: Callable[[str], bool]) -> int:
-        """Drop state of channels with no retained history and no local
-        subscriber; returns how many. Their next publication starts a new epoch."""
+        """Drop the state of channels with no retained history that nobody
+        follows (``is_active`` is False: no subscriber here, and for a home
+        shard none on any other shard either); returns how many. A dropped
+        channel that had publications gets a new epoch when it is created
+        again; one that never had any keeps its epoch."""
         now = self._clock()
         idle = []
         for name, state in self._channels.items():
@@ -156,8 +181,15 @@ class MemoryEngine(Engine):
                 if len(state.window) == 0:
                     idle.append(name)
         for name in idle:
-            del self._channels[name]
-            self._write(Journal.record_drop, name)
+            state = self._channels.pop(name)
+            if state.window.last_offset > 0:
+                self._generations[hash(name) % EPOCH_BUCKETS] += 1
+            try:
+                self._write(Journal.record_drop, name)
+            except EngineUnavailable as exc:
+                # Harmless to miss: a replacement would restore the empty
+                # state it describes. The sweep must not die of it.
+                log.warning("idle sweep: %s", exc)
         if self._compaction_due:
             self.compact()
         return len(idle)

@@ -19,7 +19,7 @@ from ...jsoncodec import decode_json, encode_json
 __all__ = ["Command", "parse_message", "reply_line", "error_line", "pub_line",
            "BadCommandBudget", "OPS"]
 
-OPS = frozenset({"subscribe", "unsubscribe", "publish", "ping"})
+OPS = frozenset({"subscribe", "unsubscribe", "publish", "ping", "refresh"})
 
 
 @dataclass(slots=True)
@@ -29,6 +29,7 @@ class Command:
     channel: str | None = None
     data_json: bytes | None = None          # publish: the data, encoded once
     recover: tuple[str, int] | None = None  # subscribe: (epoch, offset)
+    token: str | None = None                # refresh: the newer JWT
 
 
 def _parse_id(obj: dict[str, Any]) -> int | None:
@@ -46,10 +47,16 @@ def _parse_command(obj: Any) -> Command:
     command_id = _parse_id(obj)
     op = obj.get("op")
     try:
-        if op not in OPS:
+        if not isinstance(op, str) or op not in OPS:
             raise ProtocolViolation(400, f"unknown op {op!r}")
         command = Command(op, command_id)
         if op == "ping":
+            return command
+        if op == "refresh":
+            token = obj.get("token")
+            if not isinstance(token, str) or not token:
+                raise ProtocolViolation(400, "refresh needs a token (a JWT string)")
+            command.token = token
             return command
         command.channel = validate_channel(obj.get("channel"))
         if op == "publish":

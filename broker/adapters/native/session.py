@@ -7,14 +7,15 @@ Publications are encoded once per shard by ``NativeAdapter.pub_line``.
 """
 from __future__ import annotations
 
-import time
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from ...errors import EngineUnavailable, ProtocolViolation
+from ...auth import verify_token
+from ...errors import AuthError, EngineUnavailable, ProtocolViolation
 from ...handshake import Accepted, negotiate
 from ...httpmsg import Request, Response
-from ..session import Adapter, Session, SessionHost
-from .protocol import BadCommandBudget, Command, error_line, parse_message, pub_line, reply_line
+from ..session import Adapter, SessionHost
+from ..websocket import WebSocketSession
+from .protocol import Command, error_line, parse_message, pub_line, reply_line
 
 if TYPE_CHECKING:
     from ...connection import Connection
@@ -38,75 +39,45 @@ class NativeEndpoint:
     def __init__(self, host: SessionHost) -> None:
         self.host = host
 
+    @property
+    def max_message_size(self) -> int:
+        return self.host.config.limits.max_message_size
+
     def negotiate(self, request: Request) -> Accepted | Response:
         return negotiate(request, self.host.config)
 
     def open(self, conn: "Connection", accepted: Accepted) -> "NativeSession":
         session = NativeSession(self.host, conn, accepted)
-        # The C flush writes plain frames to a dup of the socket itself;
-        # compressed connections go through write_pending for now.
-        self.host.open_session(session, fd=-1 if conn.deflate else conn.dup_fd())
-        self.host.set_paused(session, conn.paused)
+        session.start()
         return session
 
 
-class NativeSession(Session):
+class NativeSession(WebSocketSession):
     """One native WebSocket client."""
 
-    __slots__ = ("host", "conn", "_budget")
+    __slots__ = ()
 
     adapter: ClassVar[Adapter] = NATIVE
 
-    def __init__(self, host: SessionHost, conn: "Connection", accepted: Accepted) -> None:
-        super().__init__(accepted.identity)
-        self.host = host
-        self.conn = conn
-        self._budget: BadCommandBudget | None = None
-
-    # ------------------------------------------------ from the connection
     async def handle_text(self, text: str) -> None:
         """One text message: its commands in order, each answered in order."""
         for item in parse_message(text):
             if self.closing:
                 return
             if isinstance(item, ProtocolViolation):
-                self._bad_command(getattr(item, "command_id", None), item)
+                self.bad_command(getattr(item, "command_id", None), item)
+                continue
+            if self.over_rate(item.id):
                 continue
             try:
                 await self._command(item)
             except ProtocolViolation as exc:
                 if exc.code == 400:
-                    self._bad_command(item.id, exc)
+                    self.bad_command(item.id, exc)
                 else:
                     self.host.queue(self, error_line(item.id, exc.code, exc.message))
             except EngineUnavailable as exc:
-                self.host.queue(self, error_line(item.id, 503, f"engine unavailable: {exc}"))
-
-    def wire_paused(self, paused: bool) -> None:
-        self.host.set_paused(self, paused)
-        if not paused:
-            self.host.flush_session(self)
-
-    def wire_flush(self) -> None:
-        self.host.flush_session(self, force=True)
-
-    def wire_closing(self) -> None:
-        self.closing = True
-        self.host.close_session(self)
-
-    def wire_lost(self) -> None:
-        self.closing = True
-        self.host.session_closed(self)
-
-    # ---------------------------------------------------------- commands
-    def _bad_command(self, command_id: int | None, exc: ProtocolViolation) -> None:
-        self.host.bad_commands += 1
-        self.host.queue(self, error_line(command_id, exc.code, exc.message))
-        if self._budget is None:
-            limits = self.host.config.limits
-            self._budget = BadCommandBudget(limits.bad_command_budget, limits.bad_command_window)
-        if self._budget.spend(time.monotonic()):
-            self.close(1008, "too many bad commands")
+                self.host.queue(self, error_line(item.id, 503, f"{exc.label}: {exc}"))
 
     async def _command(self, cmd: Command) -> None:
         op = cmd.op
@@ -130,35 +101,18 @@ class NativeSession(Session):
             position = await self.host.client_publish(self, cmd.channel, cmd.data_json)
             self.host.queue(self, reply_line(cmd.id, "published", channel=cmd.channel,
                                              offset=position.offset))
+        elif op == "refresh":
+            assert cmd.token is not None
+            self._refresh(cmd.id, cmd.token)
 
-    # ------------------------------------------------- events from the shard
-    def stream_lost(self, channel: str, reason: str) -> None:
-        self.host.queue(self, reply_line(None, "unsubscribed", channel=channel, reason=reason))
-
-    def reconnect(self, reason: str, after_ms: int) -> None:
-        self.host.queue(self, reply_line(None, "reconnect", reason=reason, after_ms=after_ms))
-        self.close(1012, "server restart")
-
-    def close(self, code: int, reason: str) -> None:
-        self.conn.close(code, reason)
-
-    def abort(self) -> None:
-        if self.conn.transport is not None:
-            self.conn.transport.abort()
-
-    def write_pending(self, force: bool = False) -> None:
-        conn = self.conn
-        if (conn.paused and not force) or conn.transport is None:
-            return
-        payload = self.host.take_pending(self)
-        if payload:
-            conn.transport.write(self.host.batch_frame(payload, conn.deflate, conn.window_bits))
-
-    def write_tail(self, rest: bytes | None) -> None:
-        transport = self.conn.transport
-        if transport is None:
-            return
-        if rest is None:  # the socket failed: the transport will report it
-            transport.abort()
-        else:
-            transport.write(rest)  # pauses it until the kernel took it all
+    def _refresh(self, command_id: int | None, token: str) -> None:
+        """A newer token for the same user: the session lives on to its exp."""
+        try:
+            identity = verify_token(token, self.host.config)
+        except AuthError as exc:
+            raise ProtocolViolation(403, f"refresh refused: {exc}") from None
+        if self.identity.user is None or identity.user != self.identity.user:
+            raise ProtocolViolation(403, "refresh refused: the token is for another user")
+        self.identity = identity
+        exp = int(identity.expires) if identity.expires is not None else None
+        self.host.queue(self, reply_line(command_id, "refreshed", exp=exp))
