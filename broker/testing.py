@@ -40,7 +40,7 @@ class InboundResult:
     echoed: bool = False                           # ... echoing the client's close frame
 
 
-def inbound_pipeline(chunks: "Iterable[bytes]", max_size: int = 65536,
+def inbound_pipeline(chunks: Iterable[bytes], max_size: int = 65536,
                      compression: bool = False) -> InboundResult:
     """The client-to-server path of a WebSocket connection as the broker
     configures it (broker.connection: websockets' Sans-I/O Protocol in state
@@ -107,7 +107,7 @@ def self_signed_cert(directory: str, host: str = "127.0.0.1") -> tuple[str, str]
         alt: x509.GeneralName = x509.IPAddress(ipaddress.ip_address(host))
     except ValueError:
         alt = x509.DNSName(host)
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
             .public_key(key.public_key()).serial_number(x509.random_serial_number())
             .not_valid_before(now - datetime.timedelta(minutes=5))
@@ -127,7 +127,7 @@ def self_signed_cert(directory: str, host: str = "127.0.0.1") -> tuple[str, str]
 
 def http_json(method: str, url: str, body: object | bytes | None = None,
               headers: dict[str, str] | None = None, timeout: float = 10.0,
-              context: "ssl.SSLContext | None" = None) -> tuple[int, object]:
+              context: ssl.SSLContext | None = None) -> tuple[int, object]:
     """One HTTP request; returns (status, parsed JSON body or raw text)."""
     data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
     request = urllib.request.Request(url, data=data, method=method, headers=headers or {})
@@ -157,7 +157,7 @@ class BrokerProcess:
     tls_ca: str | None = None   # the broker serves TLS; clients trust this certificate
 
     @property
-    def ssl_context(self) -> "ssl.SSLContext | None":
+    def ssl_context(self) -> ssl.SSLContext | None:
         if self.tls_ca is None:
             return None
         import ssl
