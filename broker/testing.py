@@ -35,7 +35,7 @@ __all__ = ["free_port", "BrokerProcess", "http_json", "self_signed_cert", "Inbou
 class InboundResult:
     """What a server connection made of a client's bytes."""
 
-    commands: list = field(default_factory=list)   # Command | ProtocolViolation, in order
+    commands: list[Any] = field(default_factory=list)  # Command | ProtocolViolation, in order
     close_code: int | None = None                  # the server's close code, if it closes
     echoed: bool = False                           # ... echoing the client's close frame
 
@@ -47,7 +47,7 @@ def inbound_pipeline(chunks: Iterable[bytes], max_size: int = 65536,
     OPEN, permessage-deflate without context takeover, text reassembly,
     binary 1003, UTF-8 1007, then broker.adapters.native.protocol.parse_message), without
     sockets, for fuzzing. Feeds ``chunks`` in order, as TCP might split them."""
-    from websockets.frames import Opcode
+    from websockets.frames import Frame, Opcode
     from websockets.protocol import OPEN, Protocol, Side
 
     from .handshake import _negotiate_deflate
@@ -55,23 +55,26 @@ def inbound_pipeline(chunks: Iterable[bytes], max_size: int = 65536,
 
     ws = Protocol(Side.SERVER, state=OPEN, max_size=max_size)
     if compression:
-        ws.extensions = [_negotiate_deflate("permessage-deflate")[1]]
+        extension = _negotiate_deflate("permessage-deflate")[1]
+        assert extension is not None  # the plain offer is always accepted
+        ws.extensions = [extension]
     result = InboundResult()
     fragments: list[bytes] | None = None
     for chunk in chunks:
         ws.receive_data(chunk)
         for frame in ws.events_received():
+            assert isinstance(frame, Frame)  # a server-side Protocol in state OPEN yields frames only
             payload: bytes | None = None
             if frame.opcode is Opcode.BINARY:
                 result.close_code = 1003
                 return result
             if frame.opcode is Opcode.TEXT:
                 if frame.fin:
-                    payload = frame.data
+                    payload = bytes(frame.data)
                 else:
-                    fragments = [frame.data]
+                    fragments = [bytes(frame.data)]
             elif frame.opcode is Opcode.CONT and fragments is not None:
-                fragments.append(frame.data)
+                fragments.append(bytes(frame.data))
                 if frame.fin:
                     payload, fragments = b"".join(fragments), None
             if payload is not None:
