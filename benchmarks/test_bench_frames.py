@@ -6,6 +6,7 @@ Compare the ``frames-compiled`` and ``frames-pure`` rows of each test:
 from __future__ import annotations
 
 import json
+import zlib
 
 LINES = [json.dumps({"op": "pub", "ch": "prices.eu", "o": 1000 + i,
                      "data": {"sym": f"S{i:03d}", "px": 100.25 + i, "q": i * 7}},
@@ -42,8 +43,11 @@ def test_shared_frames_5000_lookups(benchmark, frames):
     distinct objects as take() returns them): one compression, 5,000 hits."""
     pendings = [bytes(bytearray(BATCH)) for _ in range(LOOKUPS)]
     shared = frames.SharedFrames(frames.Deflater())
+    flushes = 0
 
     def flush():
+        nonlocal flushes
+        flushes += 1
         shared.clear()
         batch_frame = shared.batch_frame
         for pending in pendings:
@@ -51,5 +55,10 @@ def test_shared_frames_5000_lookups(benchmark, frames):
         return frame
 
     before = shared.compressions
-    benchmark(flush)
-    assert shared.compressions > before
+    frame = benchmark(flush)
+    assert shared.compressions - before == flushes, "one compression per flush, not one per connection"
+    # A final, compressed (RSV1) text frame whose payload inflates back to the batch.
+    assert frame[0] == 0x80 | 0x40 | frames.OP_TEXT and frame[1] == 126
+    payload = frame[4:]
+    assert len(payload) == int.from_bytes(frame[2:4], "big")
+    assert zlib.decompressobj(-15).decompress(payload + b"\x00\x00\xff\xff") == BATCH[:-1]

@@ -49,7 +49,7 @@ def test_fanout_5000_sockets(benchmark, ringbuf, sockets, window_bits):
     benchmark.group = "fanout-5000-sockets"
     table = ringbuf.OutboundTable(1 << 20)
     ids = array("I", range(CONNS))
-    for cid, (server, _) in zip(ids, sockets):
+    for cid, (server, _) in zip(ids, sockets, strict=True):
         table.open(cid)
         table.set_framing(cid, ringbuf.FRAMING_NATIVE, window_bits)
         table.set_fd(cid, server.fileno())

@@ -33,10 +33,10 @@ def _print_version(ctx: click.Context, _param: click.Parameter, value: bool) -> 
     if not value or ctx.resilient_parsing:
         return
     click.echo(f"broker {__version__}")
-    try:
-        from broker._fastpath import IMPLEMENTATION
-    except ImportError as exc:  # a broken install: say so rather than crash
-        IMPLEMENTATION = f"unavailable ({exc})"
+    # No fallback for a fastpath that does not import: the package itself
+    # (broker/__init__ -> server) imports it before this module can run.
+    from broker._fastpath import IMPLEMENTATION
+
     click.echo(f"fastpath: {IMPLEMENTATION}")
     ctx.exit(0)
 
@@ -79,7 +79,7 @@ _SERVE_SETTINGS = ("host", "port", "shards", "api_key", "jwt_secret", "allow_ano
 @click.option("--tls-cert", metavar="FILE", help="PEM certificate chain: serve wss:// and https:// [off].")
 @click.option("--tls-key", metavar="FILE", help="PEM private key of --tls-cert.")
 @click.pass_context
-def serve(ctx: click.Context, config_file: str | None, **values: Any) -> None:
+def serve(ctx: click.Context, /, config_file: str | None, **values: Any) -> None:
     """Run the broker until SIGTERM/SIGINT (then drain and exit 0)."""
     given = {name: values[name] for name in _SERVE_SETTINGS
              if ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE}
@@ -187,7 +187,7 @@ def _stats_table(stats: dict[str, Any]) -> str:
     lines.append("")
     for row in rows:
         lines.append("  ".join(cell.rjust(width) if i else cell.ljust(width)
-                               for i, (cell, width) in enumerate(zip(row, widths))).rstrip())
+                               for i, (cell, width) in enumerate(zip(row, widths, strict=True))).rstrip())
     return "\n".join(lines)
 
 

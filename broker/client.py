@@ -199,7 +199,7 @@ class Publisher(_Api):
         if self._stream is not None:
             self._stream.close()
 
-    def __enter__(self) -> "Publisher":
+    def __enter__(self) -> Publisher:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -327,7 +327,7 @@ class AsyncPublisher(_Api):
         if self._stream is not None:
             await self._stream.aclose()
 
-    async def __aenter__(self) -> "AsyncPublisher":
+    async def __aenter__(self) -> AsyncPublisher:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -488,7 +488,7 @@ class Client:
             return None
         return sub.epoch, sub.offset
 
-    async def connect(self) -> "Client":
+    async def connect(self) -> Client:
         """Open the connection; AuthError when the broker refuses the token."""
         if self._reader is not None:
             raise RuntimeError("Client.connect() called twice")
@@ -552,7 +552,7 @@ class Client:
             await self._ws.close()  # opened by a reconnect racing with close()
         self._fail_pending(ConnectionError("client closed"))
 
-    async def __aenter__(self) -> "Client":
+    async def __aenter__(self) -> Client:
         return await self.connect()
 
     async def __aexit__(self, *exc: object) -> None:
@@ -564,7 +564,7 @@ class Client:
         token = self.token() if callable(self.token) else self.token
         if inspect.isawaitable(token):
             token = await token
-        return token  # type: ignore[return-value]
+        return token
 
     async def _open(self) -> None:
         token = await self._token()
@@ -869,7 +869,7 @@ class Client:
                 logger.exception("subscription handler %r failed", function)
 
 
-def _error_text(body: bytes | None) -> str:
+def _error_text(body: bytes | bytearray | None) -> str:
     if not body:
         return ""
     try:

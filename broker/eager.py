@@ -6,7 +6,8 @@ that really suspends is finished inside a Task.
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Callable, Coroutine
+from typing import Any
+from collections.abc import Callable, Coroutine
 
 __all__ = ["start"]
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 import binascii
 import base64
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 from urllib.parse import parse_qs
 
 from websockets.exceptions import InvalidHeader, NegotiationError

@@ -5,7 +5,8 @@ them only when /metrics is scraped, so counting costs nothing per message.
 """
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import Any
+from collections.abc import Iterable
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily,
@@ -135,5 +136,5 @@ class _ShardCollector:
 def render(shards: list[dict[str, Any]]) -> tuple[bytes, str]:
     """The text exposition of every shard's stats, labelled by shard id."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(_ShardCollector(shards))  # type: ignore[arg-type]
+    registry.register(_ShardCollector(shards))
     return generate_latest(registry), CONTENT_TYPE_LATEST

@@ -18,6 +18,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from typing import Any
 
 from .sockets import free_port
 from dataclasses import dataclass, field
@@ -34,19 +35,19 @@ __all__ = ["free_port", "BrokerProcess", "http_json", "self_signed_cert", "Inbou
 class InboundResult:
     """What a server connection made of a client's bytes."""
 
-    commands: list = field(default_factory=list)   # Command | ProtocolViolation, in order
+    commands: list[Any] = field(default_factory=list)  # Command | ProtocolViolation, in order
     close_code: int | None = None                  # the server's close code, if it closes
     echoed: bool = False                           # ... echoing the client's close frame
 
 
-def inbound_pipeline(chunks: "Iterable[bytes]", max_size: int = 65536,
+def inbound_pipeline(chunks: Iterable[bytes], max_size: int = 65536,
                      compression: bool = False) -> InboundResult:
     """The client-to-server path of a WebSocket connection as the broker
     configures it (broker.connection: websockets' Sans-I/O Protocol in state
     OPEN, permessage-deflate without context takeover, text reassembly,
     binary 1003, UTF-8 1007, then broker.adapters.native.protocol.parse_message), without
     sockets, for fuzzing. Feeds ``chunks`` in order, as TCP might split them."""
-    from websockets.frames import Opcode
+    from websockets.frames import Frame, Opcode
     from websockets.protocol import OPEN, Protocol, Side
 
     from .handshake import _negotiate_deflate
@@ -54,23 +55,26 @@ def inbound_pipeline(chunks: "Iterable[bytes]", max_size: int = 65536,
 
     ws = Protocol(Side.SERVER, state=OPEN, max_size=max_size)
     if compression:
-        ws.extensions = [_negotiate_deflate("permessage-deflate")[1]]
+        extension = _negotiate_deflate("permessage-deflate")[1]
+        assert extension is not None  # the plain offer is always accepted
+        ws.extensions = [extension]
     result = InboundResult()
     fragments: list[bytes] | None = None
     for chunk in chunks:
         ws.receive_data(chunk)
         for frame in ws.events_received():
+            assert isinstance(frame, Frame)  # a server-side Protocol in state OPEN yields frames only
             payload: bytes | None = None
             if frame.opcode is Opcode.BINARY:
                 result.close_code = 1003
                 return result
             if frame.opcode is Opcode.TEXT:
                 if frame.fin:
-                    payload = frame.data
+                    payload = bytes(frame.data)
                 else:
-                    fragments = [frame.data]
+                    fragments = [bytes(frame.data)]
             elif frame.opcode is Opcode.CONT and fragments is not None:
-                fragments.append(frame.data)
+                fragments.append(bytes(frame.data))
                 if frame.fin:
                     payload, fragments = b"".join(fragments), None
             if payload is not None:
@@ -106,7 +110,7 @@ def self_signed_cert(directory: str, host: str = "127.0.0.1") -> tuple[str, str]
         alt: x509.GeneralName = x509.IPAddress(ipaddress.ip_address(host))
     except ValueError:
         alt = x509.DNSName(host)
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
             .public_key(key.public_key()).serial_number(x509.random_serial_number())
             .not_valid_before(now - datetime.timedelta(minutes=5))
@@ -126,7 +130,7 @@ def self_signed_cert(directory: str, host: str = "127.0.0.1") -> tuple[str, str]
 
 def http_json(method: str, url: str, body: object | bytes | None = None,
               headers: dict[str, str] | None = None, timeout: float = 10.0,
-              context: "ssl.SSLContext | None" = None) -> tuple[int, object]:
+              context: ssl.SSLContext | None = None) -> tuple[int, object]:
     """One HTTP request; returns (status, parsed JSON body or raw text)."""
     data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
     request = urllib.request.Request(url, data=data, method=method, headers=headers or {})
@@ -151,13 +155,13 @@ class BrokerProcess:
     jwt_secret: str = "test-jwt-secret-long-enough-for-hs256!"
     port: int = field(default_factory=free_port)
     host: str = "127.0.0.1"
-    process: subprocess.Popen | None = None
+    process: subprocess.Popen[bytes] | None = None
     log_path: str | None = None
     tls_ca: str | None = None   # the broker serves TLS; clients trust this certificate
     nofile: int | None = None   # RLIMIT_NOFILE (soft and hard) of the broker's processes
 
     @property
-    def ssl_context(self) -> "ssl.SSLContext | None":
+    def ssl_context(self) -> ssl.SSLContext | None:
         if self.tls_ca is None:
             return None
         import ssl
@@ -177,7 +181,7 @@ class BrokerProcess:
                 "--port", str(self.port), "--api-key", self.api_key,
                 "--jwt-secret", self.jwt_secret, *self.args]
 
-    def start(self, timeout: float = 20.0) -> "BrokerProcess":
+    def start(self, timeout: float = 20.0) -> BrokerProcess:
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
         log = open(self.log_path, "wb") if self.log_path else subprocess.DEVNULL
         self.process = subprocess.Popen(self.command(), env=env, stdout=log, stderr=subprocess.STDOUT,
@@ -211,7 +215,7 @@ class BrokerProcess:
                          {"Authorization": f"apikey {self.api_key}", **(headers or {})},
                          context=self.ssl_context)
 
-    def publish(self, channel: str, data: object) -> dict:
+    def publish(self, channel: str, data: object) -> dict[str, Any]:
         status, reply = self.api("POST", "/api/publish", {"channel": channel, "data": data})
         if status != 200:
             raise AssertionError(f"publish failed: {status} {reply}")
@@ -237,7 +241,7 @@ class BrokerProcess:
                 raise
         return self.process.returncode
 
-    def __enter__(self) -> "BrokerProcess":
+    def __enter__(self) -> BrokerProcess:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

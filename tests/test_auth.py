@@ -147,3 +147,21 @@ def test_check_api_key():
 def test_open_api_without_key():
     cfg = Config(api_key=None)
     assert check_api_key(None, cfg) and check_api_key("apikey anything", cfg)
+
+
+def test_rs256_allowed_but_no_public_key_is_not_configured():
+    private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    private_pem = private.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                        serialization.NoEncryption()).decode()
+    token = mint_token(private_pem, "rs-user", algorithm="RS256")
+    assert "no JWT public key" in refused(token, config(jwt=JwtSettings(algorithms=("HS256", "RS256"))))
+
+
+def test_a_signed_payload_that_is_not_json_is_malformed():
+    token = jwt.api_jws.encode(b"not json", SECRET, algorithm="HS256")  # a good signature over garbage
+    assert refused(token) == "malformed token"
+
+
+def test_an_empty_sub_is_refused():
+    token = jwt.encode({"sub": "", "exp": int(time.time()) + 60}, SECRET, algorithm="HS256")
+    assert "non-empty string" in refused(token)

@@ -3,6 +3,7 @@ offset/gap counting, the receivers' per-frame accounting, result records,
 tables, ratios, workload overrides and the CLI's surface."""
 from __future__ import annotations
 
+import io
 import json
 from array import array
 
@@ -206,7 +207,7 @@ def test_finish_result_derives_fields_and_keeps_the_shape():
     assert r["deliveries_per_cpu_second"] == 99000
     assert r["rss_per_connection_bytes"] == 10240
     assert r["connections_per_cpu_second"] == 1000
-    json.dumps(r)
+    assert json.loads(json.dumps(r, allow_nan=False)) == r  # the record goes into --json files as it is
 
 
 def test_finish_result_w3_has_no_delivery_rate():
@@ -265,7 +266,8 @@ def test_cli_rejects_unknown_workload_and_target():
 
 
 def test_cli_w2_against_url_needs_a_secret():
-    result = CliRunner().invoke(bench, ["--workload", "w2", "--url", "http://127.0.0.1:1"], env={"BROKER_JWT_SECRET": ""})
+    result = CliRunner().invoke(bench, ["--workload", "w2", "--url", "http://127.0.0.1:1"],
+                                env={"BROKER_JWT_SECRET": ""})
     assert result.exit_code == 2 and "jwt-secret" in result.output
 
 
@@ -276,3 +278,26 @@ def test_deflate_receivers_inflate_what_the_broker_compresses():
     line = b'{"op":"pub","channel":"bill:1","offset":7,"data":{"seq":1,"ts":5}}'
     assert _inflate(Deflater(6, 15).compress(line)) == line
     assert DEFLATE_OFFER["Sec-WebSocket-Extensions"].startswith("permessage-deflate")
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_rewrites_one_line_on_a_terminal_and_writes_lines_elsewhere():
+    from broker.bench.runner import _Progress
+
+    tty = _Terminal()
+    progress = _Progress(tty, "[broker w1]")
+    progress.update("connecting 1/2", force=True)
+    progress.update("connecting 2/2")  # within 0.2 s of the last: not redrawn
+    progress.done("ok")
+    assert tty.getvalue() == "\r\x1b[K[broker w1] connecting 1/2\r\x1b[K[broker w1] ok\n"
+    plain = io.StringIO()
+    progress = _Progress(plain, "[broker w1]")
+    progress.update("connecting 1/2", force=True)
+    progress.update("connecting 2/2")  # within 3 s: not repeated
+    progress.done("ok")
+    assert plain.getvalue() == "[broker w1] connecting 1/2\n[broker w1] ok\n"
+    assert progress.bar(1, 4, width=8) == "[##......]  25.0%" and progress.bar(1, 0, width=2) == "[..]   0.0%"

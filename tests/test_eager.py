@@ -44,3 +44,27 @@ def test_finished_in_a_task_when_it_suspends():
 def test_errors_reach_done(factory):
     inline, (result, error) = run(factory)
     assert inline is False and isinstance(error, ValueError)
+
+
+async def fails_at_once():
+    raise ValueError("at once")
+
+
+async def catches_a_failed_future():
+    loop = asyncio.get_running_loop()
+    future = loop.create_future()
+    loop.call_later(0.01, future.set_exception, KeyError("k"))
+    try:
+        await future
+    except KeyError:
+        return "caught"
+
+
+def test_an_error_before_any_suspension_is_reported_inline():
+    inline, (result, error) = run(fails_at_once)
+    assert inline is True and result is None and isinstance(error, ValueError)
+
+
+def test_a_failed_future_is_seen_by_the_coroutine_that_awaited_it():
+    inline, (result, error) = run(catches_a_failed_future)
+    assert inline is False and result == "caught" and error is None

@@ -124,7 +124,7 @@ def test_round_trip_matches_model(jdir, ops, keeps):
                 assert not os.path.exists(path + ".tmp")
         j, state = reopen(j)
         assert state == model.expected()
-        keep = dict(zip(CHANNELS, keeps)).__getitem__
+        keep = dict(zip(CHANNELS, keeps, strict=True)).__getitem__
         assert j.load(keep=keep) == model.expected(keep)
     finally:
         j.close()

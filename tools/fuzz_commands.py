@@ -10,7 +10,8 @@ The first input byte picks the path: the command decoder
 (broker.testing.inbound_pipeline: websockets' Protocol, permessage-deflate
 when asked, reassembly, UTF-8, then parse_message) on bytes split in up to
 four chunks. A crash is any exception, or a close code of the server's own
-that PROTOCOL.md §1 does not name (echoing a client's close is fine). libFuzzer writes the input as crash-<sha1>; turn it into a
+that PROTOCOL.md §1 does not name (echoing a client's close is fine). libFuzzer
+writes the input as crash-<sha1>; turn it into a
 regression test (tests/fuzz/, tests/integration/test_hostile.py).
 
 Known bugs still open are tolerated so the search goes on past them, each
@@ -65,12 +66,12 @@ def test_one_input(data: bytes) -> None:
             return
         cuts = sorted(fdp.ConsumeIntInRange(0, 4096) for _ in range(fdp.ConsumeIntInRange(0, 3)))
         wire = fdp.ConsumeBytes(fdp.remaining_bytes())
-        chunks = [wire[a:b] for a, b in zip([0, *cuts], [*cuts, len(wire)]) if b > a] or [wire]
+        chunks = [wire[a:b] for a, b in zip([0, *cuts], [*cuts, len(wire)], strict=True) if b > a] or [wire]
         result = inbound_pipeline(chunks, max_size=LIMIT, compression=mode == 2)
         # the server closes with a code of its own, or echoes the client's
         assert result.echoed or result.close_code in CLOSE_CODES, result.close_code
         _check_commands(result.commands)
-    except Exception as exc:  # noqa: BLE001 - the fuzzer decides what a crash is
+    except Exception as exc:  # the fuzzer decides what a crash is
         if _known(exc):
             return
         raise

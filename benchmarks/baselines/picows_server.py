@@ -15,9 +15,9 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from picows import WSListener, WSMsgType, WSTransport, WSUpgradeRequest, ws_create_server  # noqa: E402
+from picows import WSListener, WSMsgType, WSTransport, WSUpgradeRequest, ws_create_server
 
-from _common import Channels, HttpApi, command_replies, parse_args, run  # noqa: E402
+from _common import Channels, HttpApi, command_replies, parse_args, run
 
 _TEXT = WSMsgType.TEXT
 

@@ -15,9 +15,9 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from websockets.asyncio.server import ServerConnection, broadcast, serve  # noqa: E402
+from websockets.asyncio.server import ServerConnection, broadcast, serve
 
-from _common import Channels, HttpApi, command_replies, parse_args, run  # noqa: E402
+from _common import Channels, HttpApi, command_replies, parse_args, run
 
 
 def _deliver(subscribers: set[ServerConnection], line: bytes) -> None:

@@ -6,7 +6,6 @@ register the command; the runner and its workers load when the command runs.
 from __future__ import annotations
 
 import sys
-from typing import Any
 
 import click
 
@@ -22,8 +21,9 @@ def _split_targets(value: str | None, compare: bool) -> list[str]:
     names = [v.strip() for v in value.split(",") if v.strip()]
     bad = [n for n in names if n not in TARGET_NAMES]
     if bad or not names:
-        raise click.BadParameter(f"unknown target(s) {', '.join(bad) or '(none)'}; choose from {', '.join(TARGET_NAMES)}",
-                                 param_hint="--targets")
+        raise click.BadParameter(
+            f"unknown target(s) {', '.join(bad) or '(none)'}; choose from {', '.join(TARGET_NAMES)}",
+            param_hint="--targets")
     return names
 
 
@@ -46,7 +46,8 @@ def _split_targets(value: str | None, compare: bool) -> list[str]:
 @click.option("--jwt-secret", envvar="BROKER_JWT_SECRET", help="HS256 secret to mint user tokens (W2, mixed).")
 @click.option("--spawn", is_flag=True, help="Start the broker (on a free port) per workload and stop it after.")
 @click.option("--shards", type=click.IntRange(min=1), default=1, show_default=True, help="Shards of a spawned broker.")
-@click.option("--compare", is_flag=True, help="Also run the baselines (picows, websockets) under the same load; print ratios.")
+@click.option("--compare", is_flag=True,
+              help="Also run the baselines (picows, websockets) under the same load; print ratios.")
 @click.option("--targets", "targets_opt", metavar="LIST",
               help="Comma-separated targets to run: broker,picows,websockets [broker; all three with --compare].")
 @click.option("--drain-timeout", type=click.FloatRange(min=0.5), default=10.0, show_default=True,
@@ -92,11 +93,4 @@ def bench(workloads: tuple[str, ...], connections: int | None, rate: float | Non
     )
     sys.exit(code)
 
-
-def _main() -> Any:  # pragma: no cover - `python -m broker.bench`
-    return bench(prog_name="broker bench")
-
-
-if __name__ == "__main__":  # pragma: no cover
-    _main()
 

@@ -30,6 +30,7 @@ def _start(name: str, workload_name: str, *, spawn: bool, url: str | None, http_
     log = _log_path(log_dir, name, workload_name)
     if name == "broker":
         if spawn:
+            assert api_key is not None and jwt_secret is not None, "run_bench makes them up when it spawns"
             return spawn_broker(shards=shards, api_key=api_key, jwt_secret=jwt_secret, log_path=log,
                                 extra=serve_args)
         assert url is not None
@@ -63,7 +64,7 @@ def run_bench(*, workloads: list[str], targets: list[str], connections: int | No
             try:
                 target = _start(name, w.name, spawn=spawn, url=url, http_url=http_url, pid=pid, api_key=api_key,
                                 jwt_secret=jwt_secret, shards=shards, log_dir=log_dir, serve_args=serve_args)
-            except Exception as exc:  # noqa: BLE001 - say so, go on with the others
+            except Exception as exc:
                 record = stats.finish_result({**stats.empty_result(name, w.name),
                                               "errors": [f"start failed: {type(exc).__name__}: {exc}"]})
                 results.append(record)

@@ -18,8 +18,9 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
-from typing import Any, Callable, TextIO
+from typing import Any, TextIO
 
 import psutil
 
@@ -171,7 +172,7 @@ class _Workers:
         return sum(self.progress[i * SLOTS + slot_index] for i in range(n))
 
     def published(self) -> int:
-        return self.progress[len(self.receivers) * SLOTS + SLOT_PUBLISHED]
+        return int(self.progress[len(self.receivers) * SLOTS + SLOT_PUBLISHED])
 
     @property
     def all(self) -> list[tuple[Any, Any]]:
@@ -189,7 +190,7 @@ class _Workers:
 
     def stop(self) -> None:
         """Close every worker; end the ones that do not by their pid."""
-        for proc, pipe in self.all:
+        for _proc, pipe in self.all:
             try:
                 pipe.send(("exit",))
             except (OSError, ValueError):
@@ -225,7 +226,7 @@ def _http_parts(http_url: str) -> tuple[str, int]:
 
 
 def _streams(w: Workload, opts: RunOptions) -> list[dict[str, Any]]:
-    streams = []
+    streams: list[dict[str, Any]] = []
     for name, rate, channels in (("fanout", w.fanout_rate, 0), ("users", w.user_rate, w.user_connections)):
         total = _count(rate, w.duration)
         if total <= 0:
@@ -371,7 +372,7 @@ def run_workload(target: Target, w: Workload, opts: RunOptions) -> dict[str, Any
                 _expect(pipe, "closed", 10)
             except (TimeoutError, RuntimeError, EOFError, OSError):
                 pass
-    except Exception as exc:  # noqa: BLE001 - the record says what went wrong; the caller goes on
+    except Exception as exc:  # the record says what went wrong; the caller goes on
         result["errors"].append(f"run failed: {type(exc).__name__}: {exc}")
         progress.done(f"FAILED: {type(exc).__name__}: {exc}")
     finally:

@@ -95,7 +95,7 @@ class RssSampler(threading.Thread):
         while not self._stop.wait(self.interval):
             try:
                 self.peak = max(self.peak, self.tree.rss_bytes())
-            except Exception:  # noqa: BLE001 - a sampler must not kill the run
+            except Exception:
                 pass
 
     def stop(self) -> None:
@@ -133,7 +133,7 @@ class Target:
                 return spawned.stop(timeout=20)
             except subprocess.TimeoutExpired:
                 return -9
-        proc: subprocess.Popen = spawned
+        proc: subprocess.Popen[bytes] = spawned
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
             try:
@@ -147,7 +147,7 @@ class Target:
 def _ready(http_url: str, path: str = "/readyz") -> bool:
     try:
         with urllib.request.urlopen(http_url + path, timeout=1.0) as response:
-            return response.status == 200
+            return bool(response.status == 200)
     except (urllib.error.URLError, OSError, ValueError):
         return False
 

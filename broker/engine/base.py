@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
-from typing import Callable
+from collections.abc import Callable
 
 __all__ = ["Engine", "Position", "Recovery", "DeliverFn"]
 
@@ -41,7 +41,7 @@ class Engine(abc.ABC):
     # lost(channel, reason): the stream of a channel with local subscribers
     # cannot continue (epoch changed, gap not in history): the shard tells
     # its subscribers ("unsubscribed" with the reason) and drops them.
-    lost: Callable[[str, str], None] = staticmethod(lambda channel, reason: None)  # type: ignore[assignment]
+    lost: Callable[[str, str], None] = staticmethod(lambda channel, reason: None)
 
     @abc.abstractmethod
     async def publish(self, channel: str, data_json: bytes) -> Position:
@@ -71,7 +71,7 @@ class Engine(abc.ABC):
     def ready(self) -> bool:
         """True when publishing and subscribing can succeed now."""
 
-    def release(self, channel: str) -> None:
+    def release(self, channel: str) -> None:  # noqa: B027 - an optional hook: most engines keep nothing per channel
         """The last local subscriber of ``channel`` left."""
 
     def sweep(self, is_active: Callable[[str], bool]) -> int:
@@ -81,7 +81,7 @@ class Engine(abc.ABC):
         keep their channels too."""
         return 0
 
-    def resync_home(self, shard_id: int) -> None:
+    def resync_home(self, shard_id: int) -> None:  # noqa: B027 - an optional hook: only a cluster has homes
         """Shard ``shard_id`` was restarted: re-check the streams it sequences."""
 
     async def presence(self, channel: str) -> dict[str, object] | None:

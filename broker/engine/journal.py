@@ -38,7 +38,8 @@ import struct
 import zlib
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 __all__ = ["Journal", "ChannelLog", "JournalError", "FORMAT_VERSION", "read_journal"]
 
@@ -270,7 +271,7 @@ class Journal:
             os.close(self._lock_fd)   # releases the flock
             self._lock_fd = -1
 
-    def __enter__(self) -> "Journal":
+    def __enter__(self) -> Journal:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -305,7 +306,7 @@ class Journal:
         if n < len(_FILE_HEADER):
             if buf != _FILE_HEADER[:n]:
                 raise JournalError(f"{self.path} is not a broker journal")
-            states: dict[str, list] = {}
+            states: dict[str, list[Any]] = {}
             good, reason = 0, "torn file header" if n else ""
         else:
             if buf[:4] != _FILE_MAGIC:
@@ -387,13 +388,13 @@ class Journal:
         os.close(old)
 
 
-def _replay(buf: bytes, keep: Callable[[str], int] | None) -> tuple[dict[str, list], int, str]:
+def _replay(buf: bytes, keep: Callable[[str], int] | None) -> tuple[dict[str, list[Any]], int, str]:
     """Replay the records of ``buf`` (after the file header). Returns the
     states (channel -> [epoch, last_offset, deque of (offset, data, ts)]),
     the end of the last good record and why replay stopped before the end."""
     n = len(buf)
     view = memoryview(buf)
-    states: dict[str, list] = {}
+    states: dict[str, list[Any]] = {}
     names_cache: dict[bytes, tuple[str, str]] = {}
     hdr_unpack = _HDR.unpack_from
     names_unpack = _NAMES.unpack_from
@@ -408,9 +409,9 @@ def _replay(buf: bytes, keep: Callable[[str], int] | None) -> tuple[dict[str, li
     last_key = b""
     last_names: tuple[str, str] | None = None
 
-    def new_state(channel: str, epoch: str, last: int) -> list:
+    def new_state(channel: str, epoch: str, last: int) -> list[Any]:
         if keep is None:
-            pubs: deque = deque()
+            pubs: deque[tuple[int, bytes, float]] = deque()
         else:
             pubs = deque(maxlen=max(0, int(keep(channel))))
         state = [epoch, last, pubs]

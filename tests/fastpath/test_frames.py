@@ -134,7 +134,7 @@ def test_text_frame_round_trip(frames, payload):
 def test_ndjson_batch(frames):
     assert frames.ndjson_batch([b'{"a":1}']) == b'{"a":1}'
     assert frames.ndjson_batch([b"a", bytearray(b"b"), memoryview(b"c")]) == b"a\nb\nc"
-    assert frames.ndjson_batch((line for line in [b"x", b"y"])) == b"x\ny"
+    assert frames.ndjson_batch(line for line in [b"x", b"y"]) == b"x\ny"
     assert frames.ndjson_batch((b"x", b"")) == b"x\n"
     with pytest.raises(ValueError):
         frames.ndjson_batch([])

@@ -216,6 +216,8 @@ def test_compiled_subscribers_is_a_read_only_view():
     # A user release()ing a view does not break later lookups.
     with table.subscribers("x") as released:
         pass
+    with pytest.raises(ValueError):  # released: the view itself is no longer usable
+        released.tolist()
     assert sorted(table.subscribers("x")) == [2, 3]
     table.subscribers("nobody").release()
     assert table.subscribers("nobody").tolist() == []

@@ -72,7 +72,7 @@ def client_frame(opcode: int, payload: bytes, fin: bool = True, rsv: int = 0, ma
 def fragmented(draw, payload: bytes, opcode: int = 0x1) -> bytes:
     """``payload`` as one message split into 1..4 frames."""
     cuts = sorted(draw(st.lists(st.integers(0, len(payload)), max_size=3)))
-    parts = [payload[a:b] for a, b in zip([0, *cuts], [*cuts, len(payload)])]
+    parts = [payload[a:b] for a, b in zip([0, *cuts], [*cuts, len(payload)], strict=True)]
     out = b""
     for i, part in enumerate(parts):
         out += client_frame(opcode if i == 0 else 0x0, part, fin=i == len(parts) - 1)
@@ -94,4 +94,4 @@ def frames(draw) -> bytes:
 def chunked(data: bytes, cuts: list[int]) -> list[bytes]:
     """``data`` split at ``cuts`` (as TCP may deliver it)."""
     points = sorted({c % (len(data) + 1) for c in cuts})
-    return [data[a:b] for a, b in zip([0, *points], [*points, len(data)]) if b > a] or [data]
+    return [data[a:b] for a, b in zip([0, *points], [*points, len(data)], strict=True) if b > a] or [data]

@@ -128,7 +128,7 @@ def _read_all(sock: socket.socket, limit: float) -> bytes:
         sock.settimeout(max(0.01, deadline - time.monotonic()))
         try:
             chunk = sock.recv(65536)
-        except socket.timeout:
+        except TimeoutError:
             break
         except ConnectionResetError:
             return out

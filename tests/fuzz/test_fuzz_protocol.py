@@ -46,7 +46,7 @@ def test_commands_field_by_field(objs):
     text = "\n".join(json.dumps(obj) for obj in objs)
     items = parse_message(text)
     _check(items, text)
-    for obj, item in zip(objs, items):
+    for obj, item in zip(objs, items, strict=False):
         if isinstance(item, Command):
             if item.op == "publish":
                 assert decode_json(item.data_json) == obj["data"]

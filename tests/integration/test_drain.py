@@ -5,6 +5,7 @@ import time
 from collections import defaultdict
 
 import pytest
+from websockets.exceptions import ConnectionClosed
 
 from broker import Client
 from broker.testing import BrokerProcess
@@ -65,13 +66,22 @@ def test_drain_tells_every_client_on_every_shard_to_reconnect(broker_factory):
     from .wsclient import NativeClient
 
     broker = broker_factory("--shards", "2", "--allow-anonymous")
-    clients = [NativeClient(broker.ws_url) for _ in range(12)]
-    for client in clients:
-        client.subscribe("bill:1")
+    clients: list[NativeClient] = []
+    per_shard: list[int] = []
+    # The kernel spreads connections over the two listeners; connect until both shards hold some.
+    while len(clients) < 12 or (len(clients) < 60 and min(per_shard) == 0):
+        clients.append(NativeClient(broker.ws_url))
+        clients[-1].subscribe("bill:1")
+        per_shard = [shard["connections"] for shard in broker.api("GET", "/api/stats")[1]["shards"]]
+    assert len(per_shard) == 2 and min(per_shard) > 0 and sum(per_shard) == len(clients), per_shard
     broker.publish("bill:1", "last words")
     broker.process.send_signal(signal.SIGTERM)
     for client in clients:
         assert client.pubs(1)[0]["data"] == "last words"  # flushed before the close
         message = client.recv()
-        assert message["op"] == "reconnect"
+        assert message["op"] == "reconnect" and message["reason"]
+        assert isinstance(message["after_ms"], int) and message["after_ms"] >= 0
+        with pytest.raises(ConnectionClosed) as closed:
+            client.recv()
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 1012
     assert broker.process.wait(20) == 0

@@ -167,8 +167,11 @@ def test_stats_count_connections_and_deliveries(broker):
         assert stats["channels"] == 2 and stats["published"] == 1 and stats["delivered"] == 2
         shard = stats["shards"][0]
         assert shard["id"] == 0 and shard["up"] is True
-        assert psutil.Process(shard["pid"]).ppid() == broker.process.pid  # a shard of this broker
-        assert shard["rss_bytes"] > 0 and shard["degradation"] == 0
+        process = psutil.Process(shard["pid"])
+        assert process.ppid() == broker.process.pid  # a shard of this broker
+        # The reported memory is that shard's own resident size (not the supervisor's, not a constant).
+        rss = process.memory_info().rss
+        assert 0.5 * rss < shard["rss_bytes"] < 1.5 * rss
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline:
         if broker.api("GET", "/api/stats")[1]["connections"] == 0:

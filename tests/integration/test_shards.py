@@ -40,7 +40,7 @@ class Subscriber:
             while not done.is_set():
                 try:
                     frame = await asyncio.wait_for(ws.recv(), 0.2)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     continue
                 for line in frame.split("\n"):
                     self._take(json.loads(line), channels)
@@ -96,7 +96,7 @@ async def _run_subscribers(url: str, count: int, during, acked=None) -> list[Sub
     done = asyncio.Event()
     readies = [asyncio.Event() for _ in subs]
     tasks = [asyncio.create_task(s.run(CHANNELS[i % 3:i % 3 + 4], r, done))
-             for i, (s, r) in enumerate(zip(subs, readies))]
+             for i, (s, r) in enumerate(zip(subs, readies, strict=True))]
     try:
         await asyncio.wait_for(asyncio.gather(*(r.wait() for r in readies)), 30)
         await asyncio.to_thread(during)
@@ -118,7 +118,7 @@ def test_hundreds_of_clients_on_three_shards_see_every_publication_in_order(brok
         acked.update(publish_concurrently(broker, per_thread=40, threads=6))
 
     subs = asyncio.run(_run_subscribers(broker.ws_url, 300, during, acked))
-    for channel, offsets in acked.items():
+    for offsets in acked.values():
         assert sorted(offsets) == list(range(1, len(offsets) + 1)), "offsets unique and gapless"
     for sub in subs:
         assert not sub.lost

@@ -2,8 +2,9 @@
 disconnect on one 2-shard broker leave each shard's RSS where the first
 round left it, give or take a stated bound.
 
+A soak run (``python -m pytest -m soak``; CI runs this one as it is).
 SOAK_ROUNDS / SOAK_CLIENTS make it longer (the documented long run:
-SOAK_ROUNDS=20 SOAK_CLIENTS=2500 python -m pytest tests/integration/test_soak.py).
+SOAK_ROUNDS=20 SOAK_CLIENTS=2500 python -m pytest -m soak tests/integration/test_soak.py).
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import time
 import pytest
 from websockets.asyncio.client import connect
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [pytest.mark.soak, pytest.mark.timeout(600)]
 
 ROUNDS = int(os.environ.get("SOAK_ROUNDS", "4"))
 CLIENTS = int(os.environ.get("SOAK_CLIENTS", "400"))

@@ -110,7 +110,7 @@ class UserSubscriber:
             while not done.is_set():
                 try:
                     self._take(await asyncio.wait_for(ws.recv(), 0.2))
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     continue
 
     def _take(self, frame: str) -> None:
@@ -175,7 +175,7 @@ def test_user_notifications_over_several_sweeps_all_arrive(broker_factory, tmp_p
     async def scenario() -> None:
         done = asyncio.Event()
         readies = [asyncio.Event() for _ in subs]
-        tasks = [asyncio.create_task(s.run(r, done)) for s, r in zip(subs, readies)]
+        tasks = [asyncio.create_task(s.run(r, done)) for s, r in zip(subs, readies, strict=True)]
         try:
             await asyncio.wait_for(asyncio.gather(*(r.wait() for r in readies)), 30)
             for sub in subs:

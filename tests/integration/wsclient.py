@@ -67,7 +67,7 @@ class NativeClient:
     def close(self) -> None:
         self.ws.close()
 
-    def __enter__(self) -> "NativeClient":
+    def __enter__(self) -> NativeClient:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -102,7 +102,7 @@ class RawSocket:
         head, _, rest = self.buffer.partition(b"\r\n\r\n")
         lines = head.decode("latin-1").split("\r\n")
         status = int(lines[0].split()[1])
-        headers = {k.strip().lower(): v.strip() for k, _, v in (l.partition(":") for l in lines[1:])}
+        headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
         length = int(headers.get("content-length", "0"))
         while len(rest) < length:
             chunk = self.sock.recv(65536)

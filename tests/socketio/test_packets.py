@@ -169,7 +169,7 @@ def test_socketio_garbage_names_the_problem(text, problem):
 
 
 def test_largest_ack_id_is_javascripts_largest_safe_integer():
-    assert pk.decode_socketio('2%d["a"]' % pk.MAX_ACK_ID).id == 2 ** 53 - 1
+    assert pk.decode_socketio(f'2{pk.MAX_ACK_ID}["a"]').id == 2 ** 53 - 1
     with pytest.raises(ValueError):
         pk.encode_socketio(pk.SocketIOPacket(pk.ACK, data=[], id=2 ** 53))
 
