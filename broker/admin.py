@@ -59,7 +59,7 @@ async def ask_supervisor(endpoint: str, op: str, args: dict[str, Any],
 
 
 @route("POST", r"/api/admin/(?P<op>deploy|rollback|reload)")
-async def operate(shard: ApiHost, request: Request, match: "re.Match[str]") -> Response:
+async def operate(shard: ApiHost, request: Request, match: re.Match[str]) -> Response:
     if shard.config.api_key is None and not _loopback(request.peer):
         return error_response(403, "the admin API answers loopback only when no api_key is configured")
     args: dict[str, Any] = {"config": None}

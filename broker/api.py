@@ -7,7 +7,8 @@ shard does the publishing. Every refusal is an HTTP status with a JSON body
 from __future__ import annotations
 
 import re
-from typing import Any, Awaitable, Callable, Protocol
+from typing import Any, Protocol
+from collections.abc import Awaitable, Callable
 
 from .auth import check_api_key
 from .channels import namespace_of, validate_channel
@@ -224,7 +225,7 @@ async def history(shard: ApiHost, request: Request, match: re.Match[str]) -> Res
 
 
 @route("GET", "/api/presence")
-async def presence(shard: "Shard", request: Request, match: re.Match[str]) -> Response:
+async def presence(shard: ApiHost, request: Request, match: re.Match[str]) -> Response:
     """Subscribers of a channel and their user ids, across every host (the
     Redis engine keeps each shard's share there; entries are up to about a
     second old)."""

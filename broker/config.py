@@ -119,8 +119,8 @@ class RedisSettings:
 
     timeout: float = 2.0                     # seconds a Redis call may take before it is a 503
     prefix: str = "broker"                   # key and pub/sub channel prefix (several brokers, one Redis)
-    meta_ttl: float = 2592000.0              # seconds a channel's epoch/offset outlive its last use (30 days); 0 = forever
-    compress_threshold: int = 4096           # payloads of at least this many bytes go through Redis zlib-compressed; 0 = never
+    meta_ttl: float = 2592000.0              # seconds a channel's epoch/offset outlive its last use; 0 = forever
+    compress_threshold: int = 4096           # payloads this large go through Redis zlib-compressed; 0 = never
     health_interval: float = 0.5             # seconds between PINGs that decide readiness
     reconnect_backoff_max: float = 2.0       # longest wait between reconnect attempts (jittered)
     presence_ttl: float = 60.0               # seconds a host's presence entries live unless refreshed
@@ -179,7 +179,7 @@ class Config:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "Config":
+    def from_dict(cls, data: Mapping[str, Any]) -> Config:
         """The inverse of ``to_dict`` (no validation: the data came from a Config)."""
         top = {k: v for k, v in data.items()
                if k not in ("limits", "jwt", "namespaces", "cluster", "memory", "redis", "features",

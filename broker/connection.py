@@ -20,7 +20,8 @@ import collections
 import logging
 import os
 import socket
-from typing import Any, Callable, Coroutine, Protocol as Interface
+from typing import Any, Protocol as Interface
+from collections.abc import Callable, Coroutine
 
 import httptools
 from websockets.frames import Opcode
@@ -72,7 +73,7 @@ class WebSocketEndpoint(Interface):
         """Accept the upgrade (with its response bytes) or refuse it."""
         ...
 
-    def open(self, conn: "Connection", accepted: Accepted) -> WebSocketHandler:
+    def open(self, conn: Connection, accepted: Accepted) -> WebSocketHandler:
         """The upgrade response is out: start serving ``conn``."""
         ...
 

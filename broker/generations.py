@@ -23,7 +23,8 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 import zmq
 
@@ -91,7 +92,7 @@ class Generation:
 
     def __init__(self, number: int, config: Config, run_dir: str, code_dir: str,
                  ctx: zmq.Context, loop: Any, listen_fd: int, supervisor_pid: int,
-                 on_control: Callable[["Generation", dict[str, Any]], None],
+                 on_control: Callable[[Generation, dict[str, Any]], None],
                  journal_dir: str, sources: list[str], wait_for_import: bool,
                  admin_endpoint: str = "") -> None:
         self.number = number

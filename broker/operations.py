@@ -36,10 +36,10 @@ import copy
 import json
 import logging
 import math
-import os
 import shutil
 import time
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 from .config import Config
 from .errors import ConfigError

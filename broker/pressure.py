@@ -309,7 +309,7 @@ class IpConnectionTable:
             self._mmap.close()
             self._mmap = None
 
-    def __enter__(self) -> "IpConnectionTable":
+    def __enter__(self) -> IpConnectionTable:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -80,7 +80,7 @@ def _matches(key: str, pattern: str) -> bool:
     if pattern.endswith("."):
         return key.startswith(pattern) or key == pattern[:-1]
     parts, wanted = key.split("."), pattern.split(".")
-    return len(parts) == len(wanted) and all(w in ("*", p) for p, w in zip(parts, wanted))
+    return len(parts) == len(wanted) and all(w in ("*", p) for p, w in zip(parts, wanted, strict=True))
 
 
 def is_runtime(key: str) -> bool:

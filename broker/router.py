@@ -29,7 +29,8 @@ import os
 import struct
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 import zmq
 
@@ -61,7 +62,7 @@ class Endpoints:
     control: str
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "Endpoints":
+    def from_dict(cls, data: dict[str, Any]) -> Endpoints:
         return cls(list(data["pub"]), list(data["req"]), data["status"], data["control"])
 
     def to_dict(self) -> dict[str, Any]:
@@ -215,7 +216,7 @@ class Router:
         self.sub.setsockopt(option, topic)
         self._sub_drain.kick()
 
-    def sync(self, home: int, channel: str) -> "asyncio.Future[tuple[str, int]]":
+    def sync(self, home: int, channel: str) -> asyncio.Future[tuple[str, int]]:
         """Ask ``home`` for the channel's position through the publication stream
         (call after ``subscribe(channel)``); resolves to (epoch, offset)."""
         topic = SYNC + _SYNC_HEAD.pack(home, next(self._nonce)) + channel.encode()
@@ -299,7 +300,7 @@ class Router:
         self._reply_drains[peer].kick()
         try:
             reply = await asyncio.wait_for(future, max(0.0, deadline - time.time()))
-        except asyncio.TimeoutError:
+        except TimeoutError:
             self.requests_failed += 1
             raise EngineUnavailable(f"shard {peer} did not answer in {timeout:.1f}s") from None
         finally:

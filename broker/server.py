@@ -10,9 +10,9 @@ import asyncio
 import dataclasses
 import logging
 import socket
-import sys
 import threading
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 from . import _fastpath
 from .config import Config
@@ -120,7 +120,7 @@ class Broker:
     def ws_url(self) -> str:
         return f"ws://{self.config.host}:{self.port}/ws"
 
-    def start(self, timeout: float = 10.0) -> "Broker":
+    def start(self, timeout: float = 10.0) -> Broker:
         """Start serving; returns once the port is listening."""
         if self._thread is not None:
             raise RuntimeError("broker already started")
@@ -172,7 +172,7 @@ class Broker:
         shard = self._bound.get("shard")
         return shard.stats() if shard is not None else {}
 
-    def __enter__(self) -> "Broker":
+    def __enter__(self) -> Broker:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

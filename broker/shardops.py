@@ -21,7 +21,8 @@ import asyncio
 import json
 import logging
 import os
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 from .config import Config
 from .features import describe

@@ -13,7 +13,6 @@ broker.admin) or as SIGHUP (a reload); broker.operations runs them.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import shutil
@@ -166,7 +165,7 @@ class Supervisor:
                 last_status = now
             try:
                 await asyncio.wait_for(stop.wait(), WATCH_INTERVAL)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
         return await self._stop_all()
 

@@ -59,7 +59,7 @@ def load_server_context(cert: str, key: str) -> ssl.SSLContext:
     return context
 
 
-def server_context(config: "Config") -> ssl.SSLContext | None:
+def server_context(config: Config) -> ssl.SSLContext | None:
     """The listener's context, or None when TLS is not configured."""
     if config.tls_cert is None or config.tls_key is None:
         return None

@@ -52,12 +52,12 @@ def websocket_capacity(reserve: int = FD_RESERVE) -> int:
     return max(0, (soft - open_now - reserve) // FDS_PER_WEBSOCKET)
 
 
-def _malloc_trim() -> "ctypes._CFuncPtr | None":
+def _malloc_trim() -> ctypes._CFuncPtr | None:
     """glibc's malloc_trim: hands freed heap pages back to the system, so
     RSS falls when memory does (else the allocator keeps them)."""
     name = ctypes.util.find_library("c")
     try:
-        return getattr(ctypes.CDLL(name), "malloc_trim") if name else None
+        return ctypes.CDLL(name).malloc_trim if name else None
     except (OSError, AttributeError):  # pragma: no cover - not glibc
         return None
 

@@ -66,7 +66,7 @@ class RedisServer:
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}"
 
-    def start(self, timeout: float = 10.0) -> "RedisServer":
+    def start(self, timeout: float = 10.0) -> RedisServer:
         log = open(self.workdir / "redis.log", "ab")
         self.process = subprocess.Popen(
             [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
@@ -104,7 +104,7 @@ class RedisServer:
         assert self.process is not None
         os.kill(self.process.pid, signal.SIGCONT)
 
-    def restart(self) -> "RedisServer":
+    def restart(self) -> RedisServer:
         self.kill()
         return self.start()
 
@@ -131,7 +131,7 @@ class RedisClusterServers:
     def url(self) -> str:
         return f"redis+cluster://127.0.0.1:{self.nodes[0].port}"
 
-    def start(self, timeout: float = 30.0) -> "RedisClusterServers":
+    def start(self, timeout: float = 30.0) -> RedisClusterServers:
         for node in self.nodes:
             node.start()
         subprocess.run(["redis-cli", "--cluster", "create",

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import zlib
 from operator import index as _index
-from typing import Iterable, Protocol, Union
+from typing import Protocol
+from collections.abc import Iterable
 
 __all__ = [
     "OP_CONT", "OP_TEXT", "OP_BINARY", "OP_CLOSE", "OP_PING", "OP_PONG",
@@ -29,7 +30,7 @@ _SYNC_TAIL = b"\x00\x00\xff\xff"
 _MEM_LEVEL = 8  # zlib's DEF_MEM_LEVEL
 _MAX_STORED = 65535
 
-Buffer = Union[bytes, bytearray, memoryview]
+Buffer = bytes | bytearray | memoryview
 
 
 def _as_bytes(data: Buffer) -> bytes:

@@ -16,7 +16,7 @@ import sys
 from array import array
 from operator import index as _index
 
-from typing import Iterable, Union
+from collections.abc import Iterable
 
 from .frames_py import Deflater, frame_header
 
@@ -37,7 +37,7 @@ _U32_MAX = 0xFFFFFFFF
 _NATIVE = "<" if sys.byteorder == "little" else ">!"
 _U32_PREFIXES = frozenset(("", "@", "=", *_NATIVE))
 
-Buffer = Union[bytes, bytearray, memoryview]
+Buffer = bytes | bytearray | memoryview
 
 
 def _ssize(n: object) -> int:

@@ -39,7 +39,7 @@ class Subscribed:
     and the missed publications to send, in order, right after the reply and
     before anything newer."""
 
-    position: "Position"
+    position: Position
     recovered: bool | None = None
     missed: list[tuple[int, bytes]] = field(default_factory=list)
 
@@ -67,7 +67,7 @@ class Session(abc.ABC):
 
     adapter: ClassVar[Adapter]
 
-    def __init__(self, identity: "Identity") -> None:
+    def __init__(self, identity: Identity) -> None:
         self.cid = -1
         self.identity = identity
         self.closing = False
@@ -92,7 +92,7 @@ class Session(abc.ABC):
     def abort(self) -> None:
         """Drop the session's connection now, without a closing handshake."""
 
-    def tick(self, now: float, wall: float) -> None:
+    def tick(self, now: float, wall: float) -> None:  # noqa: B027 - a hook; most protocols need it
         """Once a second or so (``now``: loop time; ``wall``: unix time):
         liveness pings and token expiry, where the protocol has them."""
 
@@ -112,7 +112,7 @@ class Session(abc.ABC):
 class SessionHost(Protocol):
     """What a shard offers the adapters (implemented by ``broker.shard.Shard``)."""
 
-    config: "Config"
+    config: Config
     loop: asyncio.AbstractEventLoop
     bad_commands: int
 
@@ -164,16 +164,16 @@ class SessionHost(Protocol):
     def unsubscribe(self, session: Session, channel: str) -> None:
         """Leave ``channel`` (no error when not subscribed)."""
 
-    async def publish(self, channel: str, data_json: bytes) -> "Position":
+    async def publish(self, channel: str, data_json: bytes) -> Position:
         """Sequence, store and deliver one publication (backends: no policy
         check). EngineUnavailable when it cannot be stored: never a false ack."""
         ...
 
-    async def publish_many(self, items: list[tuple[str, bytes]]) -> list["Position"]:
+    async def publish_many(self, items: list[tuple[str, bytes]]) -> list[Position]:
         """Many publications at once (a backend's broadcast): positions in order."""
         ...
 
-    async def client_publish(self, session: Session, channel: str, data_json: bytes) -> "Position":
+    async def client_publish(self, session: Session, channel: str, data_json: bytes) -> Position:
         """Publish for a client where its namespace allows it (ProtocolViolation
         otherwise; EngineUnavailable when it cannot be stored)."""
         ...

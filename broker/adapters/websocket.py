@@ -28,7 +28,7 @@ class WebSocketSession(Session):
 
     __slots__ = ("host", "conn", "_budget", "_bucket", "_direct")
 
-    def __init__(self, host: SessionHost, conn: "Connection", accepted: Accepted) -> None:
+    def __init__(self, host: SessionHost, conn: Connection, accepted: Accepted) -> None:
         super().__init__(accepted.identity)
         self.host = host
         self.conn = conn

@@ -93,7 +93,7 @@ class Engine(abc.ABC):
         """Apply reloaded history sizes and TTLs to existing channels."""
         return 0
 
-    def fence(self, fenced: bool = True) -> None:
+    def fence(self, fenced: bool = True) -> None:  # noqa: B027 - optional: engines with local state
         """Stop (or resume) writing channel state: a deploy hands it over."""
 
     def stats(self) -> dict[str, int]:

@@ -19,13 +19,14 @@ import asyncio
 
 import json
 import zlib
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 from ..config import Config
 from ..router import ERR, OK, Router
 from .base import Engine, Position, Recovery
 from .memory import MemoryEngine
-from .streams import Streams
+from .streams import LIVE, Streams
 
 __all__ = ["ClusterEngine", "HomeSource", "home_of"]
 
@@ -183,7 +184,7 @@ class ClusterEngine(Engine):
         if self.home(channel) == self.id:
             state = self.local._channels.get(channel)
             return None if state is None else Position(state.epoch, state.window.last_offset)
-        cursor = self._cursors.get(channel)
+        cursor = self.streams.cursors.get(channel)
         return Position(cursor.epoch, cursor.offset) if cursor is not None and cursor.state == LIVE else None
 
     def fence(self, fenced: bool = True) -> None:

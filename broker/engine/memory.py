@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import secrets
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from .._fastpath import HistoryWindow
 from ..config import Config

@@ -23,7 +23,8 @@ import logging
 import os
 import socket
 import zlib
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 from ..config import Config
 from .base import Engine, Position, Recovery

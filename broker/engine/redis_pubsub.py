@@ -18,7 +18,8 @@ import logging
 import math
 import random
 from collections import deque
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 from redis.asyncio import Redis, RedisCluster
 from redis.exceptions import RedisError, ResponseError
@@ -64,7 +65,7 @@ class PubSubLink:
             # connecting, or a broken one is reconnecting: give it the timeout.
             try:
                 await asyncio.wait_for(self._up_event.wait(), self.timeout)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 raise EngineUnavailable(f"Redis pub/sub ({self.name}) is not connected") from None
             if topic not in self.topics:
                 return  # left while waiting
@@ -76,7 +77,7 @@ class PubSubLink:
         self._send(b"SSUBSCRIBE", topic)
         try:
             await asyncio.wait_for(asyncio.shield(confirmed), self.timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise EngineUnavailable(f"Redis did not confirm a subscription in {self.timeout:g}s") from None
 
     def unsubscribe(self, topic: bytes) -> None:
@@ -85,7 +86,7 @@ class PubSubLink:
             self._send(b"SUNSUBSCRIBE", topic)
 
     # ------------------------------------------------------------ sending
-    def _expect(self, topic: bytes) -> "asyncio.Future[None]":
+    def _expect(self, topic: bytes) -> asyncio.Future[None]:
         future: asyncio.Future[None] = self.loop.create_future()
         self._confirm.setdefault(topic, deque()).append(future)
         return future
@@ -135,7 +136,7 @@ class PubSubLink:
                     await reader
                 finally:
                     reader.cancel()
-            except (RedisError, OSError, asyncio.TimeoutError, EngineUnavailable) as exc:
+            except (TimeoutError, RedisError, OSError, EngineUnavailable) as exc:
                 if self.up:
                     log.warning("Redis pub/sub %s lost: %s", self.name, exc or type(exc).__name__)
             except asyncio.CancelledError:

@@ -23,7 +23,8 @@ import math
 import secrets
 import zlib
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 from urllib.parse import urlsplit, urlunsplit
 
 from redis.asyncio import Redis, RedisCluster
@@ -288,13 +289,13 @@ class RedisStore:
         decode = self.codec.decode
         publications = []
         for entry_id, fields in entries:
-            record = dict(zip(fields[::2], fields[1::2]))
+            record = dict(zip(fields[::2], fields[1::2], strict=True))
             if oldest is not None and int(record[b"t"]) < oldest:
                 continue  # aged out (the key's TTL only ends a whole idle history)
             publications.append((int(entry_id[2:]), decode(record[b"d"])))
         return position, publications
 
-    def presence_set(self, channel: str, field: str, value: bytes, ttl: float) -> "asyncio.Future[Any]":
+    def presence_set(self, channel: str, field: str, value: bytes, ttl: float) -> asyncio.Future[Any]:
         """Store (or with an empty ``value``, remove) one shard's presence entry."""
         return self._call(_PRESENCE_SET, [self.keys.presence(channel), field, value, int(ttl * 1000)])
 
@@ -303,7 +304,7 @@ class RedisStore:
         flat = await self._call(_PRESENCE_READ, [self.keys.presence(channel)])
         return {flat[i]: flat[i + 1].partition(b":")[2] for i in range(0, len(flat), 2)}
 
-    def _call(self, script: _Script, args: list[Any]) -> "asyncio.Future[Any]":
+    def _call(self, script: _Script, args: list[Any]) -> asyncio.Future[Any]:
         """Queue one script call for this loop turn's pipeline."""
         future: asyncio.Future[Any] = self.loop.create_future()
         if not self.healthy:
@@ -344,7 +345,7 @@ class RedisStore:
                     future.set_exception(EngineUnavailable(f"Redis: {reason}"))
             return
         again = []
-        for (script, args, future), result in zip(batch, results):
+        for (script, args, future), result in zip(batch, results, strict=True):
             if future.done():
                 continue
             if isinstance(result, NoScriptError) and not reloaded:
@@ -376,7 +377,7 @@ class RedisStore:
 
         async def run(name: str, indexes: list[int]) -> None:
             replies = await self._pipeline(self._node(name), [batch[i] for i in indexes])
-            for index, reply in zip(indexes, replies):
+            for index, reply in zip(indexes, replies, strict=True):
                 if isinstance(reply, ResponseError) and str(reply).startswith(("MOVED", "ASK")):
                     self._refresh_slots = True  # resharding: learn the new owners
                 results[index] = reply

@@ -26,7 +26,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Awaitable, Callable, Protocol
+from typing import Protocol
+from collections.abc import Awaitable, Callable
 
 from ..errors import EngineUnavailable
 from .base import DeliverFn, Position, Recovery
@@ -64,7 +65,7 @@ class _Cursor:
     __slots__ = ("epoch", "offset", "state", "ready", "backlog", "pending", "waiters", "recheck",
                  "stalled")
 
-    def __init__(self, ready: "asyncio.Future[None]") -> None:
+    def __init__(self, ready: asyncio.Future[None]) -> None:
         self.epoch = ""
         self.offset = 0
         self.state = SYNCING
@@ -161,7 +162,7 @@ class Streams:
             cursor.recheck = True  # after the repair in progress, up to the source's position
         try:
             await asyncio.wait_for(asyncio.shield(woken), self.catch_up_timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return False
         finally:
             if (offset, woken) in cursor.waiters:

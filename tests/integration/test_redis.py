@@ -137,7 +137,7 @@ class Traffic:
             i += 1
             time.sleep(0.005)
 
-    def __enter__(self) -> "Traffic":
+    def __enter__(self) -> Traffic:
         for thread in self.pool:
             thread.start()
         return self

@@ -46,7 +46,7 @@ class NativeEndpoint:
     def negotiate(self, request: Request) -> Accepted | Response:
         return negotiate(request, self.host.config)
 
-    def open(self, conn: "Connection", accepted: Accepted) -> "NativeSession":
+    def open(self, conn: Connection, accepted: Accepted) -> NativeSession:
         session = NativeSession(self.host, conn, accepted)
         session.start()
         return session

@@ -49,7 +49,7 @@ class StreamEndpoint:
     def negotiate(self, request: Request) -> Accepted | Response:
         return negotiate(request, self.host.config, authenticate_backend)
 
-    def open(self, conn: "Connection", accepted: Accepted) -> "StreamSession":
+    def open(self, conn: Connection, accepted: Accepted) -> StreamSession:
         session = StreamSession(self.host, conn, accepted)
         session.start()
         return session
