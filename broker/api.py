@@ -54,7 +54,7 @@ _ROUTES: list[tuple[str, re.Pattern[str], Handler, bool]] = []  # method, path, 
 _EXACT: dict[tuple[str, str], tuple[re.Pattern[str], Handler, bool]] = {}
 
 
-def route(method: str, pattern: str, needs_key: bool = True):
+def route(method: str, pattern: str, needs_key: bool = True) -> Callable[[Handler], Handler]:
     def register(handler: Handler) -> Handler:
         compiled = re.compile(pattern + r"\Z")
         _ROUTES.append((method, compiled, handler, needs_key))

@@ -19,9 +19,12 @@ _CHANNEL = re.compile(r"[A-Za-z0-9_\-.@]+:[A-Za-z0-9_\-:.@]*\Z")
 
 
 class IdentityLike(Protocol):
-    user: str | None
-    channels: frozenset[str]
-    anonymous: bool
+    @property
+    def user(self) -> str | None: ...
+    @property
+    def channels(self) -> frozenset[str]: ...
+    @property
+    def anonymous(self) -> bool: ...
 
 
 def validate_channel(channel: object) -> str:

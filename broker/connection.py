@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import logging
 import os
 import socket
@@ -24,7 +25,7 @@ from typing import Any, Protocol as Interface
 from collections.abc import Callable, Coroutine
 
 import httptools
-from websockets.frames import Opcode
+from websockets.frames import Frame, Opcode
 from websockets.protocol import OPEN, Protocol, Side
 
 from . import eager
@@ -313,8 +314,7 @@ class Connection(asyncio.Protocol):
             make, done = self._work.popleft()
             self._busy = True
             self._suspended = False
-            if not eager.start(self.host.loop, make(),
-                               lambda result, error, done=done: self._work_done(done, result, error)):
+            if not eager.start(self.host.loop, make(), functools.partial(self._work_done, done)):
                 self._suspended = True
                 return
 
@@ -394,19 +394,21 @@ class Connection(asyncio.Protocol):
         assert ws is not None
         ws.receive_data(data)
         for frame in ws.events_received():
+            if not isinstance(frame, Frame):  # a server-side Protocol yields frames only
+                continue
             opcode = frame.opcode
             if opcode is Opcode.TEXT or opcode is Opcode.BINARY:
                 if opcode is Opcode.BINARY:
                     self.close(1003, "binary messages are not accepted")
                     break
                 if frame.fin:
-                    self._text_message(frame.data)
+                    self._text_message(bytes(frame.data))
                 else:
-                    self._fragments = [frame.data]
+                    self._fragments = [bytes(frame.data)]
             elif opcode is Opcode.CONT:
                 if self._fragments is None:  # websockets rejects this already
                     continue
-                self._fragments.append(frame.data)
+                self._fragments.append(bytes(frame.data))
                 if frame.fin:
                     data_, self._fragments = b"".join(self._fragments), None
                     self._text_message(data_)

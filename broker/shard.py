@@ -461,7 +461,8 @@ class Shard:
                 if not status.get(peer, {}).get("up", True):
                     raise EngineUnavailable("down")  # the supervisor knows: don't wait for it
                 (raw,) = await self.router.request(peer, b"STATS", timeout=1.0)
-                return json.loads(raw)
+                answer: dict[str, Any] = json.loads(raw)
+                return answer
             except Exception:
                 known = status.get(peer, {})
                 return {"id": peer, "pid": known.get("pid", 0), "up": False, "connections": 0,
