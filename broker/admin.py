@@ -17,16 +17,23 @@ import ipaddress
 import json
 import re
 from typing import Any
+from collections.abc import Callable
 
 import zmq
 import zmq.asyncio
 
-from .api import ApiHost, _BadRequest, route
+from .api import ApiHost, Handler, _BadRequest, route
 from .httpmsg import Request, Response, error_response
 
 __all__ = ["ask_supervisor", "ADMIN_TIMEOUT"]
 
 ADMIN_TIMEOUT = 3600.0  # seconds; a deploy's waves may take long, the supervisor answers in the end
+
+
+def _route(method: str, pattern: str) -> Callable[[Handler], Handler]:
+    """``api.route`` with its type spelled out (api.py leaves its return unannotated)."""
+    register: Callable[[Handler], Handler] = route(method, pattern)
+    return register
 
 
 def _loopback(address: str) -> bool:
@@ -58,7 +65,7 @@ async def ask_supervisor(endpoint: str, op: str, args: dict[str, Any],
         sock.close(0)
 
 
-@route("POST", r"/api/admin/(?P<op>deploy|rollback|reload)")
+@_route("POST", r"/api/admin/(?P<op>deploy|rollback|reload)")
 async def operate(shard: ApiHost, request: Request, match: re.Match[str]) -> Response:
     if shard.config.api_key is None and not _loopback(request.peer):
         return error_response(403, "the admin API answers loopback only when no api_key is configured")

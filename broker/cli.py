@@ -285,8 +285,8 @@ def _operate(url: str, api_key: str | None, op: str, config_file: str | None) ->
     except urllib.error.HTTPError as exc:
         raw = exc.read()
     except (OSError, ValueError) as exc:
-        result = {"ok": False, "operation": op, "error": f"cannot reach the broker at {url}: {exc}"}
-        click.echo(json.dumps(result))
+        unreachable = {"ok": False, "operation": op, "error": f"cannot reach the broker at {url}: {exc}"}
+        click.echo(json.dumps(unreachable))
         sys.exit(1)
     result: dict[str, Any] = {"ok": False, "operation": op, "error": "empty reply"}
     for line in raw.decode("utf-8", "replace").splitlines():

@@ -238,12 +238,12 @@ def _float(minimum: float = 0.0, strict: bool = False) -> Callable[[str, Any, bo
                 raise ConfigError(key, f"must be a number, got {value!r}") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(key, f"must be a number, got {_describe(value)}")
-        value = float(value)
-        if value != value or value in (float("inf"), float("-inf")):
-            raise ConfigError(key, f"must be a finite number, got {value}")
-        if value < minimum or strict and value == minimum:
-            raise ConfigError(key, f"must be {'>' if strict else '>='} {minimum:g}, got {value:g}")
-        return value
+        number = float(value)
+        if number != number or number in (float("inf"), float("-inf")):
+            raise ConfigError(key, f"must be a finite number, got {number}")
+        if number < minimum or strict and number == minimum:
+            raise ConfigError(key, f"must be {'>' if strict else '>='} {minimum:g}, got {number:g}")
+        return number
     return parse
 
 
@@ -273,45 +273,45 @@ def _str(key: str, value: Any, text: bool) -> str:
 
 
 def _host(key: str, value: Any, text: bool) -> str:
-    value = _str(key, value, text).strip()
-    if any(ch.isspace() for ch in value) or "/" in value:
-        raise ConfigError(key, f"is not a host name or address: {value!r}")
-    return value
+    checked = _str(key, value, text).strip()
+    if any(ch.isspace() for ch in checked) or "/" in checked:
+        raise ConfigError(key, f"is not a host name or address: {checked!r}")
+    return checked
 
 
 def _redis_url(key: str, value: Any, text: bool) -> str:
-    value = _str(key, value, text).strip()
-    parts = urlsplit(value)
+    checked = _str(key, value, text).strip()
+    parts = urlsplit(checked)
     if parts.scheme not in REDIS_SCHEMES or not (parts.netloc or parts.path):
         raise ConfigError(key, "must be a redis://, rediss://, unix:// or redis+cluster:// URL, "
-                               f"got {value!r}")
+                               f"got {checked!r}")
     try:
         port = parts.port
     except ValueError:
-        raise ConfigError(key, f"has an invalid port: {value!r}") from None
+        raise ConfigError(key, f"has an invalid port: {checked!r}") from None
     if parts.scheme.endswith("+cluster"):
         if not parts.hostname or port is None:
-            raise ConfigError(key, f"a cluster URL names one seed node as HOST:PORT, got {value!r}")
+            raise ConfigError(key, f"a cluster URL names one seed node as HOST:PORT, got {checked!r}")
     elif parts.scheme != "unix" and not parts.hostname:
-        raise ConfigError(key, f"names no host: {value!r}")
+        raise ConfigError(key, f"names no host: {checked!r}")
     db = parts.path.strip("/")
     if parts.scheme != "unix" and db and not db.isdigit():
         raise ConfigError(key, f"the database after the host must be a number, got {db!r}")
-    return value
+    return checked
 
 
 def _log_level(key: str, value: Any, text: bool) -> str:
-    value = _str(key, value, text).strip().lower()
-    if value not in LOG_LEVELS:
-        raise ConfigError(key, f"must be one of {', '.join(LOG_LEVELS)}, got {value!r}")
-    return value
+    checked = _str(key, value, text).strip().lower()
+    if checked not in LOG_LEVELS:
+        raise ConfigError(key, f"must be one of {', '.join(LOG_LEVELS)}, got {checked!r}")
+    return checked
 
 
 def _subscribe_policy(key: str, value: Any, text: bool) -> str:
-    value = _str(key, value, text)
-    if value not in SUBSCRIBE_POLICIES:
-        raise ConfigError(key, f"must be one of {', '.join(SUBSCRIBE_POLICIES)}, got {value!r}")
-    return value
+    checked = _str(key, value, text)
+    if checked not in SUBSCRIBE_POLICIES:
+        raise ConfigError(key, f"must be one of {', '.join(SUBSCRIBE_POLICIES)}, got {checked!r}")
+    return checked
 
 
 def _algorithms(key: str, value: Any, text: bool) -> tuple[str, ...]:
@@ -326,10 +326,10 @@ def _algorithms(key: str, value: Any, text: bool) -> tuple[str, ...]:
 
 
 def _pem(key: str, value: Any, text: bool) -> str:
-    value = _str(key, value, text)
-    if "-----BEGIN" not in value:
+    checked = _str(key, value, text)
+    if "-----BEGIN" not in checked:
         raise ConfigError(key, "must be a PEM public key (-----BEGIN PUBLIC KEY----- ...)")
-    return value
+    return checked
 
 
 TOP_LEVEL: dict[str, Callable[[str, Any, bool], Any]] = {
@@ -363,10 +363,10 @@ JWT: dict[str, Callable[[str, Any, bool], Any]] = {
 }
 
 def _transport(key: str, value: Any, text: bool) -> str:
-    value = _str(key, value, text)
-    if value not in ("ipc", "tcp"):
-        raise ConfigError(key, f"must be 'ipc' or 'tcp', got {value!r}")
-    return value
+    checked = _str(key, value, text)
+    if checked not in ("ipc", "tcp"):
+        raise ConfigError(key, f"must be 'ipc' or 'tcp', got {checked!r}")
+    return checked
 
 
 CLUSTER: dict[str, Callable[[str, Any, bool], Any]] = {
@@ -378,10 +378,10 @@ CLUSTER: dict[str, Callable[[str, Any, bool], Any]] = {
 }
 
 def _redis_prefix(key: str, value: Any, text: bool) -> str:
-    value = _str(key, value, text)
-    if any(ch in value for ch in "{} \t\r\n"):
-        raise ConfigError(key, f"must not contain braces or whitespace (it precedes a hash tag), got {value!r}")
-    return value
+    checked = _str(key, value, text)
+    if any(ch in checked for ch in "{} \t\r\n"):
+        raise ConfigError(key, f"must not contain braces or whitespace (it precedes a hash tag), got {checked!r}")
+    return checked
 
 
 REDIS: dict[str, Callable[[str, Any, bool], Any]] = {
@@ -400,10 +400,10 @@ def _fraction(strict: bool) -> Callable[[str, Any, bool], float]:
     number = _float(0.0, strict=strict)
 
     def parse(key: str, value: Any, text: bool) -> float:
-        value = number(key, value, text)
-        if value > 1.0:
-            raise ConfigError(key, f"must be a fraction of the budget, at most 1, got {value:g}")
-        return value
+        fraction = number(key, value, text)
+        if fraction > 1.0:
+            raise ConfigError(key, f"must be a fraction of the budget, at most 1, got {fraction:g}")
+        return fraction
     return parse
 
 
@@ -560,14 +560,14 @@ def load_config(file: str | None = None, env: Mapping[str, str] | None = None,
             setattr(config, key, TOP_LEVEL[key](key, value, True))
         except ConfigError as exc:
             raise ConfigError(key, f"{exc.message} (from {var})") from None
-    for name, value in (flags or {}).items():
-        if value is None:
+    for name, given in (flags or {}).items():
+        if given is None:
             continue
         key = FLAG_ALIASES.get(name, name)
         if key not in TOP_LEVEL:
             raise ConfigError(key, "unknown setting")
         try:
-            setattr(config, key, TOP_LEVEL[key](key, value, True))
+            setattr(config, key, TOP_LEVEL[key](key, given, True))
         except ConfigError as exc:
             raise ConfigError(key, f"{exc.message} (from --{name.replace('_', '-')})") from None
     _check(config)

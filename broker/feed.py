@@ -29,7 +29,7 @@ log = logging.getLogger("broker.feed")
 class GenerationFeed:
     """One old shard's subscription to the new generation's streams."""
 
-    def __init__(self, shard: Any, pub_endpoints: list[str], ctx: zmq.Context,
+    def __init__(self, shard: Any, pub_endpoints: list[str], ctx: zmq.Context[zmq.Socket[bytes]],
                  loop: asyncio.AbstractEventLoop) -> None:
         self.shard = shard
         self.sub = ctx.socket(zmq.SUB)

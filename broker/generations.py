@@ -62,7 +62,10 @@ def describe_exit(code: int) -> str:
 def snapshot_code(target: str) -> str:
     """Copy the ``broker`` package as it is on disk now into ``target``;
     returns the directory to put first on the shards' PYTHONPATH."""
-    source = os.path.dirname(os.path.abspath(__import__("broker").__file__))
+    package_file = __import__("broker").__file__
+    if package_file is None:  # a namespace package: no directory to copy
+        raise RuntimeError("the broker package has no __file__ to snapshot")
+    source = os.path.dirname(os.path.abspath(package_file))
     shutil.copytree(source, os.path.join(target, "broker"),
                     ignore=shutil.ignore_patterns("__pycache__", "*.c", "*.html", "build"))
     return target
@@ -71,7 +74,7 @@ def snapshot_code(target: str) -> str:
 @dataclass
 class ShardProcess:
     id: int
-    process: subprocess.Popen | None = None
+    process: subprocess.Popen[bytes] | None = None
     pid: int = 0
     up: bool = False
     booted: bool = False
@@ -84,14 +87,14 @@ class ShardProcess:
     fenced: bool = False      # confirmed it writes no channel state
     migrated: bool = False    # asked every client to move
     moved: int = 0            # how many clients it asked
-    health: dict | None = None  # its last health report while a deploy watches
+    health: dict[str, Any] | None = None  # its last health report while a deploy watches
 
 
 class Generation:
     """The shards of one (code, config), their sockets and their state flags."""
 
     def __init__(self, number: int, config: Config, run_dir: str, code_dir: str,
-                 ctx: zmq.Context, loop: Any, listen_fd: int, supervisor_pid: int,
+                 ctx: zmq.Context[zmq.Socket[bytes]], loop: Any, listen_fd: int, supervisor_pid: int,
                  on_control: Callable[[Generation, dict[str, Any]], None],
                  journal_dir: str, sources: list[str], wait_for_import: bool,
                  admin_endpoint: str = "") -> None:
@@ -199,6 +202,7 @@ class Generation:
     def signal_all(self, sig: int) -> list[ShardProcess]:
         running = self.running()
         for shard in running:
+            assert shard.process is not None  # running() lists only live processes
             shard.process.send_signal(sig)
         return running
 

@@ -27,6 +27,7 @@ import zlib
 from dataclasses import dataclass
 
 import numpy as np
+import numpy.typing as npt
 
 __all__ = [
     "TokenBucket",
@@ -254,8 +255,10 @@ class IpConnectionTable:
             if magic == _MAGIC and (file_shards, file_slots) != (shards, slots):
                 raise ValueError(f"{path}: made for {file_shards} shards x {file_slots} slots")
         _HEADER.pack_into(buffer, 0, _MAGIC, shards, slots)  # same bytes from every opener
-        self._table = np.frombuffer(buffer, dtype=np.uint32, offset=_HEADER_SIZE).reshape(shards, slots)
-        self._row = self._table[shard_id]
+        # None once closed (close() checks it, so a second close is a no-op).
+        self._table: npt.NDArray[np.uint32] | None = np.frombuffer(
+            buffer, dtype=np.uint32, offset=_HEADER_SIZE).reshape(shards, slots)
+        self._row: npt.NDArray[np.uint32] = self._table[shard_id]
         self._row[:] = 0
         # The upgrade path reads a column: plain uint32 views and a slot cache
         # cost a fraction of numpy's per-call overhead and of parsing the address.
@@ -304,7 +307,8 @@ class IpConnectionTable:
             row.release()
         self._rows = []
         self._own = None  # type: ignore[assignment]
-        self._row = self._table = None  # type: ignore[assignment]
+        self._row = None  # type: ignore[assignment]
+        self._table = None
         if self._mmap is not None:
             self._mmap.close()
             self._mmap = None

@@ -147,5 +147,5 @@ def apply_runtime(target: Config, new: Config) -> None:
     target.features = dict(new.features)
     target.deploy = new.deploy
     if hasattr(new, "memory"):  # [memory] thresholds, where the build has them
-        target.memory = new.memory  # type: ignore[attr-defined]
+        target.memory = new.memory
     logging.getLogger().setLevel(getattr(logging, new.log_level.upper(), logging.INFO))

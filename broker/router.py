@@ -29,7 +29,7 @@ import os
 import struct
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 from collections.abc import Callable
 
 import zmq
@@ -75,11 +75,11 @@ class Drain:
     ZeroMQ's FD is edge-triggered: after any send on the socket the read
     state may have changed unseen, so senders call ``kick()``."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, sock: zmq.Socket,
+    def __init__(self, loop: asyncio.AbstractEventLoop, sock: zmq.Socket[bytes],
                  handler: Callable[[list[bytes]], None]) -> None:
         self.loop, self.sock, self.handler = loop, sock, handler
         self._scheduled = False
-        loop.add_reader(sock.getsockopt(zmq.FD), self.run)
+        loop.add_reader(cast(int, sock.getsockopt(zmq.FD)), self.run)  # FD and EVENTS are int options
 
     def kick(self) -> None:
         if not self._scheduled:
@@ -92,7 +92,7 @@ class Drain:
         if sock.closed:
             return
         try:
-            while sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            while cast(int, sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
                 handler(sock.recv_multipart(zmq.NOBLOCK))
         except zmq.Again:
             pass
@@ -101,7 +101,7 @@ class Drain:
 
     def close(self) -> None:
         try:
-            self.loop.remove_reader(self.sock.getsockopt(zmq.FD))
+            self.loop.remove_reader(cast(int, self.sock.getsockopt(zmq.FD)))
         except (zmq.ZMQError, ValueError):
             pass
 
@@ -140,7 +140,7 @@ class Router:
         # not be: it would turn a stored publication into a 503.
         self.router = self._socket(zmq.ROUTER, REQUEST_HWM)
         self.router.bind(endpoints.req[shard_id])
-        self.dealers: dict[int, zmq.Socket] = {}
+        self.dealers: dict[int, zmq.Socket[bytes]] = {}
         for peer, address in enumerate(endpoints.req):
             if peer != shard_id:
                 dealer = self._socket(zmq.DEALER, REQUEST_HWM)
@@ -165,7 +165,7 @@ class Router:
         self._drains = [self._sub_drain, self._xpub_drain, self._router_drain,
                         Drain(loop, self.status, self._on_status), *self._reply_drains.values()]
 
-    def _socket(self, kind: int, hwm: int, receive_hwm: int | None = None) -> zmq.Socket:
+    def _socket(self, kind: int, hwm: int, receive_hwm: int | None = None) -> zmq.Socket[bytes]:
         """A socket with send/receive high-water marks (0 = no limit)."""
         sock = self.ctx.socket(kind)
         sock.setsockopt(zmq.LINGER, 0)
@@ -176,7 +176,8 @@ class Router:
     def close(self) -> None:
         for drain in self._drains:
             drain.close()
-        for future in [*self._pending.values(), *self._syncs.values()]:
+        futures: list[asyncio.Future[Any]] = [*self._pending.values(), *self._syncs.values()]
+        for future in futures:
             if not future.done():
                 future.set_exception(EngineUnavailable("shard stopping"))
         self.ctx.destroy(linger=0)
@@ -229,8 +230,11 @@ class Router:
             self._sub_option(zmq.UNSUBSCRIBE, topic)
 
         future.add_done_callback(done)
-        timer = self.loop.call_later(self.request_timeout, lambda: future.done() or future.set_exception(
-            EngineUnavailable(f"shard {home} did not answer a sync for {channel!r}")))
+        def expire() -> None:
+            if not future.done():
+                future.set_exception(EngineUnavailable(f"shard {home} did not answer a sync for {channel!r}"))
+
+        timer = self.loop.call_later(self.request_timeout, expire)
         future.add_done_callback(lambda _: timer.cancel())
         return future
 

@@ -110,7 +110,8 @@ class Broker:
 
     @property
     def port(self) -> int:
-        return self._bound.get("port", self.config.port)
+        port: int = self._bound.get("port", self.config.port)
+        return port
 
     @property
     def url(self) -> str:

@@ -53,7 +53,7 @@ class Supervisor:
         self.generations: dict[int, Generation] = {}
         self.serving: Generation | None = None
         self.history: list[tuple[str, Config]] = []   # (code dir, config) of each serving generation
-        self.ctx: zmq.Context | None = None
+        self.ctx: zmq.Context[zmq.Socket[bytes]] | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self.next_number = 1
         self.leftover: list[str] = []    # journals of an earlier run, until taken over
@@ -145,7 +145,7 @@ class Supervisor:
         state_dir = self.config.state_dir
         previous = latest_generation(state_dir) if state_dir else 0
         self.next_number = previous + 1
-        self.leftover = generation_journals(state_dir, previous) if previous else []
+        self.leftover = generation_journals(state_dir, previous) if state_dir and previous else []
         number = self.allocate()
         first = self.new_generation(number, self.config, self.snapshot(number), self.leftover, False)
         self.serving = first

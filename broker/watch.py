@@ -16,7 +16,7 @@ import logging
 import os
 import resource
 import time
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import psutil
 
@@ -25,6 +25,9 @@ from .config import Config
 from .fdlimit import EmfileReporter
 from .httpmsg import Response, error_response
 from .pressure import Degradation, IpConnectionTable, MemoryThresholds, shard_budget
+
+if TYPE_CHECKING:
+    from _ctypes import CFuncPtr  # what a CDLL attribute is (ctypes only re-exports it privately)
 
 __all__ = ["Watch", "Watched", "TICK"]
 
@@ -52,7 +55,7 @@ def websocket_capacity(reserve: int = FD_RESERVE) -> int:
     return max(0, (soft - open_now - reserve) // FDS_PER_WEBSOCKET)
 
 
-def _malloc_trim() -> ctypes._CFuncPtr | None:
+def _malloc_trim() -> CFuncPtr | None:
     """glibc's malloc_trim: hands freed heap pages back to the system, so
     RSS falls when memory does (else the allocator keeps them)."""
     name = ctypes.util.find_library("c")

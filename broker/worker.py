@@ -14,6 +14,7 @@ import shutil
 import signal
 import socket
 import sys
+from typing import Any
 
 from .config import Config
 from .engine.base import Engine
@@ -36,9 +37,10 @@ log = logging.getLogger("broker.worker")
 ORPHAN_CHECK = 1.0  # seconds between checks that the supervisor is alive
 
 
-def load_spec(run_dir: str) -> dict:
+def load_spec(run_dir: str) -> dict[str, Any]:
     with open(os.path.join(run_dir, "cluster.json"), encoding="utf-8") as fh:
-        return json.load(fh)
+        spec: dict[str, Any] = json.load(fh)
+    return spec
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -97,7 +99,12 @@ def main(argv: list[str] | None = None) -> int:
         # A deploy's new generation: wait until the old one is fenced
         # (the supervisor's "import"), then take its channels over.
         go = loop.create_future()
-        router.on_status = lambda status: status.get("import") and not go.done() and go.set_result(None)
+
+        def on_import(status: dict[str, Any]) -> None:
+            if status.get("import") and not go.done():
+                go.set_result(None)
+
+        router.on_status = on_import
         router.tell_supervisor({"booted": shard_id_int, "pid": os.getpid()})
         waiting = loop.create_task(stop.wait())
         loop.run_until_complete(asyncio.wait([go, waiting], return_when=asyncio.FIRST_COMPLETED))
@@ -116,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     return _run(shard_id_int, shards, parent, run_dir, spec, config, loop, stop, router, engine, journal)
 
 
-def _run(shard_id_int: int, shards: int, parent: int, run_dir: str, spec: dict, config: Config,
+def _run(shard_id_int: int, shards: int, parent: int, run_dir: str, spec: dict[str, Any], config: Config,
          loop: asyncio.AbstractEventLoop, stop: asyncio.Event, router: Router,
          engine: Engine, journal: Journal | None) -> int:
     """Serve one shard with ``engine`` until ``stop``, then clean up."""
@@ -130,7 +137,7 @@ def _run(shard_id_int: int, shards: int, parent: int, run_dir: str, spec: dict, 
         operations = ShardOperations(shard, run_dir, router.tell_supervisor, spec.get("config_version", 0))
         follow_shard = router.on_status
 
-        def on_status(status: dict) -> None:
+        def on_status(status: dict[str, Any]) -> None:
             follow_shard(status)
             operations.follow(status)
 

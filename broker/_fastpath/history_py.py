@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections import deque
 from itertools import islice
+from typing import SupportsFloat, cast
 
 __all__ = ["HistoryWindow"]
 
@@ -21,7 +22,7 @@ def _float(value: object) -> float:
     """``value`` as a C double the way the compiled module converts it."""
     if isinstance(value, (str, bytes, bytearray)):
         raise TypeError(f"must be real number, not {type(value).__name__}")
-    return float(value)
+    return float(cast(SupportsFloat, value))  # float() raises TypeError for the rest
 
 
 def _offset_type(value: object) -> None:

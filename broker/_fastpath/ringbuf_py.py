@@ -15,6 +15,7 @@ import os
 import sys
 from array import array
 from operator import index as _index
+from typing import SupportsIndex, cast
 
 from collections.abc import Iterable
 
@@ -42,7 +43,9 @@ Buffer = bytes | bytearray | memoryview
 
 def _ssize(n: object) -> int:
     """n as an int that fits a C Py_ssize_t (OverflowError otherwise)."""
-    n = _index(n)
+    # The casts below only tell mypy what operator.index checks at run time:
+    # anything without __index__ raises TypeError, as in the compiled module.
+    n = _index(cast(SupportsIndex, n))
     if not -sys.maxsize - 1 <= n <= sys.maxsize:
         raise OverflowError(f"{n} does not fit a C ssize_t")
     return n
@@ -74,8 +77,8 @@ def _grown(alloc: int, need: int, cap: int) -> int:
 
 
 def _check_framing(framing: object, window_bits: object) -> tuple[int, int]:
-    f = _index(framing)
-    w = _index(window_bits)
+    f = _index(cast(SupportsIndex, framing))
+    w = _index(cast(SupportsIndex, window_bits))
     if f not in _FRAMINGS:
         raise ValueError(f"unknown framing {f!r}")
     if w != 0 and not 9 <= w <= 15:
@@ -86,7 +89,7 @@ def _check_framing(framing: object, window_bits: object) -> tuple[int, int]:
 
 
 def _cid_or_none(cid: object) -> int | None:
-    cid = _index(cid)
+    cid = _index(cast(SupportsIndex, cid))
     return cid if 0 <= cid <= _U32_MAX else None
 
 

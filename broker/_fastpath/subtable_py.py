@@ -10,6 +10,7 @@ channel's array``. The only difference: ``subscribers()`` returns a copy
 from __future__ import annotations
 
 from array import array
+from typing import cast
 
 __all__ = ["SubscriptionTable"]
 
@@ -44,7 +45,7 @@ class SubscriptionTable:
         self._ids: dict[str, int] = {}          # channel -> id
         self._names: list[str | None] = []      # id -> channel (None: free)
         self._free: list[int] = []              # free ids, reused LIFO
-        self._arrays: list[array | None] = []   # id -> conn ids (dense)
+        self._arrays: list[array[int] | None] = []  # id -> conn ids (dense)
         self._conns: dict[int, dict[int, int]] = {}  # cid -> {id: index}
         self._subs = 0
 
@@ -66,6 +67,7 @@ class SubscriptionTable:
 
     def _release_channel(self, cidx: int) -> None:
         name = self._names[cidx]
+        assert name is not None, "releasing a free channel id"
         self._names[cidx] = None
         self._arrays[cidx] = None
         del self._ids[name]
@@ -74,6 +76,7 @@ class SubscriptionTable:
     def _unlink(self, cidx: int, index: int) -> None:
         """Swap-remove position ``index`` of channel ``cidx``'s array."""
         arr = self._arrays[cidx]
+        assert arr is not None, "unlinking from a free channel id"
         moved = arr.pop()
         if index != len(arr):
             arr[index] = moved
@@ -96,6 +99,7 @@ class SubscriptionTable:
         if subs is None:
             subs = self._conns[cid] = {}
         arr = self._arrays[cidx]
+        assert arr is not None, "an interned channel id has an array"
         subs[cidx] = len(arr)
         arr.append(cid)
         self._subs += 1
@@ -128,7 +132,8 @@ class SubscriptionTable:
         subs = self._conns.pop(cid, None)
         if subs is None:
             return []
-        names = self._names
+        # A channel with a subscriber is interned: its name is never None.
+        names = cast("list[str]", self._names)
         out = [names[cidx] for cidx in subs]
         for cidx, index in subs.items():
             self._unlink(cidx, index)
@@ -139,7 +144,7 @@ class SubscriptionTable:
         self._subs -= len(subs)
         return out
 
-    def subscribers(self, channel: str) -> array:
+    def subscribers(self, channel: str) -> array[int]:
         """The conn ids subscribed to ``channel``: an ``array('I')`` copy
         (the compiled module returns a view valid only until the next
         add/remove: do NOT store it). Unknown channel: an empty array.
@@ -147,21 +152,25 @@ class SubscriptionTable:
         cidx = self._ids.get(channel)
         if cidx is None:
             return array("I")
-        return self._arrays[cidx][:]
+        arr = self._arrays[cidx]
+        assert arr is not None, "an interned channel id has an array"
+        return arr[:]
 
     def count(self, channel: str) -> int:
         """How many connections are subscribed to ``channel``."""
         cidx = self._ids.get(channel)
         if cidx is None:
             return 0
-        return len(self._arrays[cidx])
+        arr = self._arrays[cidx]
+        assert arr is not None, "an interned channel id has an array"
+        return len(arr)
 
     def channels_of(self, cid: int) -> list[str]:
         """The channels ``cid`` is subscribed to, in subscribe order."""
         subs = self._conns.get(_cid(cid))
         if subs is None:
             return []
-        names = self._names
+        names = cast("list[str]", self._names)  # subscribed: interned, named
         return [names[cidx] for cidx in subs]
 
     def is_subscribed(self, cid: int, channel: str) -> bool:

@@ -6,6 +6,7 @@ command builds the extension, so its absence means the build is broken.
 from __future__ import annotations
 
 from types import ModuleType
+from typing import Any
 
 import pytest
 
@@ -14,7 +15,7 @@ from . import load
 IMPLEMENTATIONS = ("compiled", "pure")
 
 
-def fastpath_fixture(name: str):
+def fastpath_fixture(name: str) -> Any:  # pytest's fixture type is private
     """A fixture giving the module ``name`` once per implementation."""
 
     @pytest.fixture(params=IMPLEMENTATIONS, ids=lambda impl: f"{name}-{impl}")

@@ -571,7 +571,7 @@ class _HttpConnection(asyncio.Protocol):
         return self.waiter
 
 
-class _BackendStream(WSListener):  # type: ignore[misc]
+class _BackendStream(WSListener):
     """The broker's backend stream (``GET /api/stream``) as a publisher's
     connection: one command in flight, like a keep-alive HTTP connection,
     so the two ways of publishing are compared at the same concurrency."""

@@ -24,7 +24,7 @@ from collections.abc import Callable
 
 from ..config import Config
 from ..router import ERR, OK, Router
-from .base import Engine, Position, Recovery
+from .base import DeliverFn, Engine, Position, Recovery
 from .memory import MemoryEngine
 from .streams import LIVE, Streams
 
@@ -83,20 +83,20 @@ class ClusterEngine(Engine):
     # The shard sets ``deliver`` and ``lost``: channels homed here deliver
     # through the memory engine, the others through their streams.
     @property
-    def deliver(self):  # type: ignore[override]
+    def deliver(self) -> DeliverFn:
         return self.local.deliver
 
     @deliver.setter
-    def deliver(self, fn) -> None:  # type: ignore[override]
+    def deliver(self, fn: DeliverFn) -> None:
         self.local.deliver = fn
         self.streams.deliver = fn
 
     @property
-    def lost(self):  # type: ignore[override]
+    def lost(self) -> Callable[[str, str], None]:
         return self.streams.lost
 
     @lost.setter
-    def lost(self, fn) -> None:  # type: ignore[override]
+    def lost(self, fn: Callable[[str, str], None]) -> None:
         self.streams.lost = fn
 
     @property

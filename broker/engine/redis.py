@@ -27,7 +27,7 @@ from typing import Any
 from collections.abc import Callable
 
 from ..config import Config
-from .base import Engine, Position, Recovery
+from .base import DeliverFn, Engine, Position, Recovery
 from .redis_pubsub import Links
 from .redis_store import Codec, RedisStore
 from .streams import Streams
@@ -106,19 +106,19 @@ class RedisEngine(Engine):
 
     # The shard sets ``deliver`` and ``lost``; the cursors call them.
     @property
-    def deliver(self):  # type: ignore[override]
+    def deliver(self) -> DeliverFn:
         return self.streams.deliver
 
     @deliver.setter
-    def deliver(self, fn) -> None:  # type: ignore[override]
+    def deliver(self, fn: DeliverFn) -> None:
         self.streams.deliver = fn
 
     @property
-    def lost(self):  # type: ignore[override]
+    def lost(self) -> Callable[[str, str], None]:
         return self.streams.lost
 
     @lost.setter
-    def lost(self, fn) -> None:  # type: ignore[override]
+    def lost(self, fn: Callable[[str, str], None]) -> None:
         self.streams.lost = fn
 
     # ------------------------------------------------------------ Engine API
@@ -158,7 +158,7 @@ class RedisEngine(Engine):
 
     async def presence(self, channel: str) -> dict[str, object] | None:
         entries = await self.store.presence_read(channel)
-        subscribers, users = 0, set()
+        subscribers, users = 0, set[str]()
         for value in entries.values():
             try:
                 entry = json.loads(value)

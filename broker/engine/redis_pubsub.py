@@ -69,7 +69,8 @@ class PubSubLink:
                 raise EngineUnavailable(f"Redis pub/sub ({self.name}) is not connected") from None
             if topic not in self.topics:
                 return  # left while waiting
-            if not self.up:
+            up: bool = self.up  # re-read after the wait (mypy would keep the narrowing from before it)
+            if not up:
                 raise EngineUnavailable(f"Redis pub/sub ({self.name}) is not connected")
             if topic in self._restored:
                 return  # the (re)connect subscribed it already
@@ -150,7 +151,8 @@ class PubSubLink:
             self._outbox.clear()
             self._fail_confirmations()
             await self._disconnect(conn)
-            if self._closed:
+            closed: bool = self._closed  # re-read: close() may have run during the awaits
+            if closed:
                 return
             delay = min(self.backoff_max, max(0.05, delay * 2))
             await asyncio.sleep(delay * random.uniform(0.5, 1.5))

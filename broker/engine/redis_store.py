@@ -50,8 +50,11 @@ def _pack_command(args: tuple[Any, ...]) -> bytes:
     return b"".join(parts)
 
 
+# hiredis's stub types its argument as a one-item tuple; it packs any tuple.
+pack_command: Callable[[tuple[Any, ...]], bytes]
 try:
-    from hiredis import pack_command
+    from hiredis import pack_command as _hiredis_pack_command
+    pack_command = _hiredis_pack_command
 except ImportError:  # pragma: no cover - hiredis is the [redis] extra
     pack_command = _pack_command
 

@@ -26,8 +26,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Protocol
-from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
+from collections.abc import Awaitable, Callable, Coroutine
 
 from ..errors import EngineUnavailable
 from .base import DeliverFn, Position, Recovery
@@ -226,8 +226,8 @@ class Streams:
                 cursor.recheck = True
 
     # ---------------------------------------------------------- internals
-    def _spawn(self, coroutine: Awaitable[None]) -> None:
-        task = asyncio.get_running_loop().create_task(coroutine)  # type: ignore[arg-type]
+    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coroutine)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
