@@ -22,6 +22,7 @@ on their FD and drained until EAGAIN, so no future or task is made per message.
 from __future__ import annotations
 
 import asyncio
+import collections
 import itertools
 import json
 import logging
@@ -106,6 +107,10 @@ class Drain:
             pass
 
 
+RESEND_DELAY = 0.005  # seconds before publications that met a full pipe are tried again
+BACKLOG_LIMIT = 100000  # publications waiting for a full pipe before they are dropped (and repaired)
+
+
 class Router:
     """One shard's ZeroMQ sockets and the request/response bookkeeping."""
 
@@ -117,6 +122,16 @@ class Router:
         self.ctx = zmq.Context()
         self.hwm_drops = 0
         self.requests_failed = 0
+        # Publications that met a full pipe wait here, in order, and go out
+        # as soon as the pipe takes them (a burst, e.g. a batch of hundreds
+        # for one home, outruns a small high-water mark). Past BACKLOG_LIMIT
+        # they are dropped and repaired from history; the newest dropped one
+        # of each channel is kept and sent again, so a drop at the END of a
+        # burst (no later publication to reveal the gap) still reaches
+        # followers, who see the jump, repair it and drop the duplicate.
+        self._backlog: collections.deque[list[bytes]] = collections.deque()
+        self._unsent: dict[bytes, list[bytes]] = {}
+        self._resend: asyncio.TimerHandle | None = None
         self.remote_topics: set[bytes] = set()  # topics some other shard subscribed to
         # callbacks set by the cluster engine / shard
         self.on_publication: Callable[[bytes, bytes, int, bytes], None] = lambda *a: None
@@ -174,6 +189,9 @@ class Router:
         return sock
 
     def close(self) -> None:
+        if self._resend is not None:
+            self._resend.cancel()
+            self._resend = None
         for drain in self._drains:
             drain.close()
         futures: list[asyncio.Future[Any]] = [*self._pending.values(), *self._syncs.values()]
@@ -188,10 +206,40 @@ class Router:
         topic = topic_of(channel)
         if topic not in self.remote_topics:
             return  # no other shard subscribed: skip ZeroMQ altogether
-        try:
-            self.xpub.send_multipart([topic, epoch.encode(), b"%d" % offset, data], zmq.NOBLOCK)
-        except zmq.Again:
+        message = [topic, epoch.encode(), b"%d" % offset, data]
+        if not self._backlog:
+            try:
+                self.xpub.send_multipart(message, zmq.NOBLOCK)
+                self._unsent.pop(topic, None)  # a later offset went out: followers see any gap
+                self._xpub_drain.kick()
+                return
+            except zmq.Again:
+                pass
+        if len(self._backlog) < BACKLOG_LIMIT:
+            self._backlog.append(message)
+        else:
             self.hwm_drops += 1  # the receiving shard repairs the gap from history
+            self._unsent[topic] = message
+        if self._resend is None:
+            self._resend = self.loop.call_later(RESEND_DELAY, self._send_waiting)
+        self._xpub_drain.kick()
+
+    def _send_waiting(self) -> None:
+        """Send what waits (the backlog in order, then dropped tails) until
+        the pipe is full again; come back shortly for the rest."""
+        self._resend = None
+        try:
+            while self._backlog:
+                self.xpub.send_multipart(self._backlog[0], zmq.NOBLOCK)
+                self._unsent.pop(self._backlog.popleft()[0], None)
+            for topic, message in list(self._unsent.items()):
+                if topic in self.remote_topics:
+                    self.xpub.send_multipart(message, zmq.NOBLOCK)
+                del self._unsent[topic]
+        except zmq.Again:
+            pass
+        if self._backlog or self._unsent:
+            self._resend = self.loop.call_later(RESEND_DELAY, self._send_waiting)
         self._xpub_drain.kick()
 
     def followed(self, channel: str) -> bool:
