@@ -10,14 +10,17 @@ so a frame holds lines separated by single newlines and no trailing one.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from ...channels import validate_channel
 from ...errors import ProtocolViolation
 from ...jsoncodec import decode_json, encode_json
 
-__all__ = ["Command", "parse_message", "reply_line", "error_line", "pub_line",
+__all__ = ["Command", "parse_message", "parse_lines", "reply_line", "error_line", "pub_line",
            "BadCommandBudget", "OPS"]
+
+T = TypeVar("T")
 
 OPS = frozenset({"subscribe", "unsubscribe", "publish", "ping", "refresh"})
 
@@ -77,21 +80,26 @@ def _parse_command(obj: Any) -> Command:
         raise
 
 
-def parse_message(text: str) -> list[Command | ProtocolViolation]:
-    """Split one text message into commands (NDJSON); a bad line becomes a
-    ProtocolViolation in its place so replies stay in command order."""
-    out: list[Command | ProtocolViolation] = []
+def parse_lines(text: str, parse: Callable[[Any], T]) -> list[T | ProtocolViolation]:
+    """Split one text message into commands (NDJSON), each line decoded and
+    handed to ``parse``; a bad line becomes a ProtocolViolation in its place
+    so replies stay in command order (every NDJSON endpoint shares this)."""
+    out: list[T | ProtocolViolation] = []
     for line in text.split("\n"):
         if not line.strip():
             continue
         try:
-            out.append(_parse_command(decode_json(line)))
+            out.append(parse(decode_json(line)))
+        except ProtocolViolation as exc:
+            out.append(exc)
         except ValueError as exc:
-            if isinstance(exc, ProtocolViolation):
-                out.append(exc)
-            else:
-                out.append(ProtocolViolation(400, f"invalid JSON: {exc}"))
+            out.append(ProtocolViolation(400, f"invalid JSON: {exc}"))
     return out
+
+
+def parse_message(text: str) -> list[Command | ProtocolViolation]:
+    """The native endpoint's commands of one text message."""
+    return parse_lines(text, _parse_command)
 
 
 def reply_line(command_id: int | None, op: str, **fields: Any) -> bytes:

@@ -12,7 +12,8 @@ from typing import Any
 from ...channels import namespace_of, validate_channel
 from ...config import Config
 from ...errors import ProtocolViolation
-from ...jsoncodec import decode_json, encode_json
+from ...jsoncodec import encode_json
+from ..native.protocol import parse_lines
 
 __all__ = ["StreamCommand", "parse_stream_message", "MAX_BROADCAST"]
 
@@ -66,16 +67,5 @@ def _command(config: Config, obj: Any) -> StreamCommand:
 
 
 def parse_stream_message(config: Config, text: str) -> list[StreamCommand | ProtocolViolation]:
-    """Split one text message into commands; a bad line becomes a
-    ProtocolViolation in its place so replies stay in command order."""
-    out: list[StreamCommand | ProtocolViolation] = []
-    for line in text.split("\n"):
-        if not line.strip():
-            continue
-        try:
-            out.append(_command(config, decode_json(line)))
-        except ProtocolViolation as exc:
-            out.append(exc)
-        except ValueError as exc:
-            out.append(ProtocolViolation(400, f"invalid JSON: {exc}"))
-    return out
+    """The backend stream's commands of one text message, in order."""
+    return parse_lines(text, lambda obj: _command(config, obj))
