@@ -29,6 +29,7 @@ from . import api
 from ._fastpath import FRAMING_NATIVE, OutboundTable, SubscriptionTable
 from .adapters.native.session import NativeEndpoint
 from .adapters.session import Adapter, Session, Subscribed
+from .adapters.socketio.session import PATH as SOCKETIO_PATH, SocketIOEndpoint
 from .adapters.stream.session import StreamEndpoint
 from .channels import check_client_publish, check_subscribe
 from .config import Config
@@ -69,6 +70,7 @@ class Shard:
         self.endpoints: dict[str, WebSocketEndpoint] = {
             "/ws": NativeEndpoint(self),
             "/api/stream": StreamEndpoint(self),
+            SOCKETIO_PATH: SocketIOEndpoint(self),
         }
         self.draining = False
         self._flush_handle: asyncio.Handle | asyncio.TimerHandle | None = None
@@ -92,6 +94,11 @@ class Shard:
         return Connection(self)
 
     def handle_http(self, request: Request):
+        # An endpoint that also answers plain HTTP (Socket.IO's long-polling)
+        # takes its path; everything else is the API's.
+        handler = getattr(self.endpoints.get(request.path), "handle_http", None)
+        if handler is not None:
+            return handler(request)
         return api.handle(self, request)
 
     def websocket_endpoint(self, path: str) -> WebSocketEndpoint | None:
