@@ -46,6 +46,10 @@ __all__ = ["SocketIOAdapter", "SOCKETIO", "SocketIOEndpoint", "SocketIOSession",
 #: where Socket.IO clients connect (socket.io-client's default ``path``)
 PATH = "/socket.io/"
 
+#: packets in one polling answer: python-engineio clients refuse a payload of
+#: more (their ``max_decode_packets``); the rest waits for the next GET.
+MAX_POLL_PACKETS = 16
+
 # Close codes that must never be put in a close frame (RFC 6455 §7.4.1).
 _RESERVED_CODES = frozenset({1005, 1006, 1015})
 
@@ -212,7 +216,15 @@ class _SlotOutbox:
         return not session.closing
 
     def take_payload(self) -> bytes:
-        return self.session.host.take_payload(self.session, pk.RECORD_SEPARATOR)
+        """At most ``MAX_POLL_PACKETS`` packets; the rest stays pending, in
+        order, for the next GET."""
+        session = self.session
+        payload = session.host.take_payload(session, pk.RECORD_SEPARATOR)
+        if payload.count(pk.RECORD_SEPARATOR) < MAX_POLL_PACKETS:
+            return payload
+        packets = payload.split(pk.RECORD_SEPARATOR)
+        session.host.queue(session, pk.PACKET_END.join(packets[MAX_POLL_PACKETS:]) + pk.PACKET_END)
+        return pk.RECORD_SEPARATOR.join(packets[:MAX_POLL_PACKETS])
 
     def __len__(self) -> int:
         return self.session.host.pending_bytes(self.session)
