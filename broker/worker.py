@@ -14,6 +14,8 @@ import shutil
 import signal
 import sys
 
+from .adapters.socketio.handoff import Handoff
+from .adapters.socketio.session import PATH as SOCKETIO_PATH
 from .config import Config
 from .engine.cluster import ClusterEngine
 from .fdlimit import log_capacity, raise_nofile_limit
@@ -85,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     shard = Shard(config, shard_id=shard_id_int, engine=engine, loop=loop, shards=shards,
                   ip_table_path=os.path.join(run_dir, "ip-connections"))
     shard.attach_router(router)
+    # Socket.IO: a request for a session on another shard is passed to it.
+    shard.endpoints[SOCKETIO_PATH].handoff = Handoff(run_dir, shard_id_int, loop, shard.protocol_factory)
 
     def listening(port: int) -> None:
         router.tell_supervisor({"ready": shard_id_int, "pid": os.getpid()})

@@ -250,3 +250,44 @@ def test_drain_sends_reconnect_then_closes_the_transport(broker_factory, node_cl
     sio.sleep(0.5)
     assert ("reconnect", {"reason": reconnect["reason"], "after_ms": reconnect["after_ms"]}) in sio.events
     assert broker.process.wait(20) == 0
+
+
+# -- several shards: a session's requests land anywhere ---------------------------
+
+def test_polling_requests_on_new_connections_reach_the_owner_shard(broker_factory):
+    """Each request on its own TCP connection: SO_REUSEPORT spreads them over
+    the four shards (all on the owner by chance: (1/4)^40), and every one is
+    answered by the session's shard."""
+    broker = broker_factory("--shards", "4", "--allow-anonymous")
+    status, body = http("GET", broker.url + "/socket.io/?EIO=4&transport=polling")
+    url = f"{broker.url}/socket.io/?EIO=4&transport=polling&sid={json.loads(body[1:])['sid']}"
+    assert http("POST", url, b"40") == (200, b"ok")
+    assert http("GET", url)[1].startswith(b"40{")
+    assert http("POST", url, b'420["subscribe",{"channel":"bill:4"}]') == (200, b"ok")
+    assert json.loads(http("GET", url)[1][3:])[0]["ok"] is True
+    for i in range(40):
+        assert http("POST", url, b"6") == (200, b"ok"), i   # noop: answered by the owner
+    broker.publish("bill:4", {"n": 1})
+    assert http("GET", url) == (200, b'42["pub",{"channel":"bill:4","offset":1,"data":{"n":1}}]')
+
+
+@pytest.mark.parametrize("transports", [["polling"], ["polling", "websocket"]])
+def test_clients_on_several_shards_beside_native_ones(broker_factory, pyclient, node_client, transports):
+    broker = broker_factory("--shards", "3", "--allow-anonymous")
+    nodes = [node_client(broker.url, channels=["bill:6"], transports=transports, count=30, timeout=30000)
+             for _ in range(3)]
+    pys = [pyclient() for _ in range(3)]
+    for sio in pys:
+        sio.connect(broker.url, transports=transports)
+        assert sio.call("subscribe", {"channel": "bill:6"})["ok"] is True
+    for client in nodes:
+        assert client.wait_for("ack", timeout=15)["data"]["ok"] is True
+    with NativeClient(broker.ws_url) as native:
+        native.subscribe("bill:6")
+        for i in range(30):
+            broker.publish("bill:6", {"i": i})
+        expected = [{"channel": p["channel"], "offset": p["offset"], "data": p["data"]} for p in native.pubs(30)]
+    for sio in pys:
+        assert sio.wait_pubs(30, timeout=20) == expected
+    for client in nodes:
+        assert [client.wait_for("pub", timeout=15)["data"] for _ in range(30)] == expected

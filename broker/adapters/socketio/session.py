@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from ..._fastpath import FRAMING_EIO_WS, FRAMING_POLLING, text_frame
 from ...auth import ANONYMOUS, verify_token
@@ -94,9 +94,9 @@ class SocketIOEndpoint:
     def __init__(self, host: SessionHost) -> None:
         self.host = host
         self.sessions: dict[str, SocketIOSession] = {}
-        #: set by a multi-shard worker: ``handoff(shard, conn_or_request)``
-        #: passes a request for another shard's session to that shard.
-        self.handoff: Callable[..., Any] | None = None
+        #: set by a multi-shard worker (``handoff.Handoff``): passes a request
+        #: for another shard's session, with its connection, to that shard.
+        self.handoff: Any = None
 
     @property
     def max_message_size(self) -> int:
@@ -119,6 +119,8 @@ class SocketIOEndpoint:
             return _engine_error(exc.engine_code, exc.message)
         session = None
         if req.sid is not None:
+            if req.shard != self.host.id:
+                return self._hand_off(req.shard, request)
             session = self.sessions.get(req.sid)
             if session is None:
                 return _engine_error(eio.UNKNOWN_SID)
@@ -155,6 +157,8 @@ class SocketIOEndpoint:
                 return refusal
             session = SocketIOSession(self.host, self, eio.POLLING)
             return await session.poll()
+        if req.shard != self.host.id:
+            return self._hand_off(req.shard, request)
         session = self.sessions.get(req.sid)
         if session is None:
             return _engine_error(eio.UNKNOWN_SID)
@@ -162,13 +166,17 @@ class SocketIOEndpoint:
             return await session.poll()
         return await session.post(request.body)
 
-    def shard_of(self, query: str) -> int | None:
-        """The shard owning the session a ``/socket.io/`` request names (None:
-        a handshake, or no valid sid)."""
-        for part in query.split("&"):
-            if part.startswith("sid="):
-                return eio.shard_of_sid(part[4:])
-        return None
+    def _hand_off(self, shard: int, request: Request) -> Response:
+        """Pass the request and its connection to the shard owning the
+        session; what is returned here is only written when that fails."""
+        if self.handoff is not None and request.connection is not None:
+            if self.handoff.send(shard, request.connection, request):
+                return _HANDED_OFF
+        return _engine_error(eio.UNKNOWN_SID)
+
+
+#: the answer to a request whose connection went to another shard: never written
+_HANDED_OFF = Response(204)
 
 
 class WireHandler:
