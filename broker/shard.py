@@ -2,7 +2,7 @@
 outbound buffers, and the fan-out of publications to them.
 
 The shard deals with sessions through ``broker.adapters.session``: an
-adapter (the native protocol today) parses its clients' messages and calls
+adapter (native, Socket.IO) parses its clients' messages and calls
 ``subscribe`` / ``unsubscribe`` / ``client_publish`` here; the shard tells a
 session only what happened to it (a stream lost, a reconnect request, a
 close). Connections reach the shard through ``ConnectionHost``: plain HTTP

@@ -103,12 +103,15 @@ class SocketIOEndpoint:
         return self.host.config.limits.max_message_size
 
     def _overloaded(self) -> Response | None:
+        """Why no new session is accepted now (503, as PROTOCOL.md §1/§3)."""
         host: Any = self.host
         if getattr(host, "draining", False):
-            return _engine_error(eio.FORBIDDEN, "draining: reconnect to another node", 503)
+            return _engine_error(eio.BAD_REQUEST, "draining: reconnect to another node", 503)
         watch = getattr(host, "watch", None)
         if watch is not None and watch.level >= 3:
-            return _engine_error(eio.FORBIDDEN, "over the memory budget: try again later", 503)
+            return _engine_error(eio.BAD_REQUEST, "overloaded: over the memory budget", 503)
+        if getattr(host, "websocket_count", 0) >= host.config.limits.max_connections:
+            return _engine_error(eio.BAD_REQUEST, "overloaded: too many sessions on this shard", 503)
         return None
 
     # ------------------------------------------------------------ WebSocket
