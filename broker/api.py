@@ -35,6 +35,10 @@ class ApiHost(Protocol):
         """Sequence, store and deliver one publication."""
         ...
 
+    async def publish_many(self, items: list[tuple[str, bytes]]) -> list[Position]:
+        """Many publications; each home shard gets its items in one message."""
+        ...
+
     async def cluster_stats(self) -> list[dict[str, Any]]:
         """Every shard's stats."""
         ...
@@ -128,8 +132,8 @@ def _position_json(channel: str, position: Position) -> bytes:
 
 async def _publish_all(shard: ApiHost, items: list[tuple[str, bytes]]) -> Response:
     """Publish validated (channel, data) pairs in order: ``{"results": [...]}``."""
-    results = [_position_json(channel, await shard.publish(channel, data_json))
-               for channel, data_json in items]
+    positions = await shard.publish_many(items)
+    results = [_position_json(channel, position) for (channel, _), position in zip(items, positions, strict=True)]
     return Response(200, b'{"results":[' + b",".join(results) + b"]}")
 
 
@@ -217,6 +221,21 @@ async def history(shard: ApiHost, request: Request, match: re.Match[str]) -> Res
     # The stored data is already compact JSON: splice it in, never re-encode.
     items = b",".join(b'{"offset":%d,"data":%s}' % (offset, data) for offset, data in publications)
     return Response(200, _position_json(channel, position)[:-1] + b',"publications":[' + items + b"]}")
+
+
+@route("GET", "/api/presence")
+async def presence(shard: "Shard", request: Request, match: re.Match[str]) -> Response:
+    """Subscribers of a channel and their user ids, across every host (the
+    Redis engine keeps each shard's share there; entries are up to about a
+    second old)."""
+    query = request.query()
+    if "channel" not in query:
+        raise _BadRequest("channel is required")
+    channel = _publishable(shard, query["channel"])
+    answer = await shard.engine.presence(channel)
+    if answer is None:
+        raise _BadRequest("presence needs the Redis engine (--redis)", status=501)
+    return json_response(200, answer)
 
 
 @route("GET", "/api/stats")

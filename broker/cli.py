@@ -52,7 +52,8 @@ def main() -> None:
 
 # Flags of `serve` that map to a top-level config key (values as text).
 _SERVE_SETTINGS = ("host", "port", "shards", "api_key", "jwt_secret", "allow_anonymous", "redis_url",
-                   "memory_limit_mb", "state_dir", "drain_timeout", "flush_interval", "compression",
+                   "memory_limit_mb", "state_dir", "drain_timeout", "flush_interval", "flush_max_window",
+                   "compression",
                    "log_level", "tls_cert", "tls_key")
 
 
@@ -70,7 +71,9 @@ _SERVE_SETTINGS = ("host", "port", "shards", "api_key", "jwt_secret", "allow_ano
 @click.option("--state-dir", metavar="DIR",
               help="Keep channel state (epochs, offsets, history) here across restarts [none].")
 @click.option("--drain-timeout", metavar="SECONDS", help="Graceful stop budget [10].")
-@click.option("--flush-interval", metavar="SECONDS", help="Batching window, 0 = end of loop turn [0].")
+@click.option("--flush-interval", metavar="SECONDS", help="Fixed batching window, 0 = adaptive [0].")
+@click.option("--flush-max-window", metavar="SECONDS",
+              help="Bound of the adaptive batching window, 0 = flush every loop turn [0.03].")
 @click.option("--compression/--no-compression", default=None, help="Accept permessage-deflate [on].")
 @click.option("--log-level", metavar="LEVEL", help="debug, info, warning, error, critical [info].")
 @click.option("--tls-cert", metavar="FILE", help="PEM certificate chain: serve wss:// and https:// [off].")

@@ -24,6 +24,7 @@ __all__ = [
     "Namespace",
     "JwtSettings",
     "Cluster",
+    "RedisSettings",
     "Memory",
     "default_namespaces",
     "load_config",
@@ -36,7 +37,7 @@ SUBSCRIBE_POLICIES = ("public", "authenticated", "owner")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 JWT_ALGORITHMS = ("HS256", "HS384", "HS512", "RS256", "RS384", "RS512",
                   "ES256", "ES384", "ES512", "PS256", "PS384", "PS512")
-REDIS_SCHEMES = ("redis", "rediss", "unix")
+REDIS_SCHEMES = ("redis", "rediss", "unix", "redis+cluster", "rediss+cluster")
 _NAMESPACE_NAME = re.compile(r"[A-Za-z0-9_-]+\Z")
 
 
@@ -111,6 +112,19 @@ class Cluster:
 
 
 @dataclass
+class RedisSettings:
+    """The Redis engine (used when ``redis_url`` is set; docs/operations-redis.md)."""
+
+    timeout: float = 2.0                     # seconds a Redis call may take before it is a 503
+    prefix: str = "broker"                   # key and pub/sub channel prefix (several brokers, one Redis)
+    meta_ttl: float = 2592000.0              # seconds a channel's epoch/offset outlive its last use (30 days); 0 = forever
+    compress_threshold: int = 4096           # payloads of at least this many bytes go through Redis zlib-compressed; 0 = never
+    health_interval: float = 0.5             # seconds between PINGs that decide readiness
+    reconnect_backoff_max: float = 2.0       # longest wait between reconnect attempts (jittered)
+    presence_ttl: float = 60.0               # seconds a host's presence entries live unless refreshed
+
+
+@dataclass
 class Config:
     host: str = "127.0.0.1"
     port: int = 8765
@@ -124,13 +138,15 @@ class Config:
     tls_key: str | None = None               # PEM private key of tls_cert
     state_dir: str | None = None             # where shards journal channel state; None = the run dir (gone at exit)
     drain_timeout: float = 10.0              # seconds for a graceful stop
-    flush_interval: float = 0.0              # batching window in seconds; 0 = end of loop turn
+    flush_interval: float = 0.0              # fixed batching window in seconds; 0 = adaptive
+    flush_max_window: float = 0.03           # adaptive window's bound in seconds; 0 = end of each loop turn
     compression: bool = True                 # accept permessage-deflate offers
     log_level: str = "info"
     limits: Limits = field(default_factory=Limits)
     jwt: JwtSettings = field(default_factory=JwtSettings)
     namespaces: dict[str, Namespace] = field(default_factory=default_namespaces)
     cluster: Cluster = field(default_factory=Cluster)
+    redis: RedisSettings = field(default_factory=RedisSettings)
     memory: Memory = field(default_factory=Memory)
 
     def to_dict(self) -> dict[str, Any]:
@@ -140,11 +156,13 @@ class Config:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "Config":
         """The inverse of ``to_dict`` (no validation: the data came from a Config)."""
-        top = {k: v for k, v in data.items() if k not in ("limits", "jwt", "namespaces", "cluster", "memory")}
+        top = {k: v for k, v in data.items()
+               if k not in ("limits", "jwt", "namespaces", "cluster", "memory", "redis")}
         jwt = dict(data["jwt"])
         jwt["algorithms"] = tuple(jwt["algorithms"])
         return cls(**top, limits=Limits(**data["limits"]), jwt=JwtSettings(**jwt),
                    cluster=Cluster(**data["cluster"]), memory=Memory(**data.get("memory", {})),
+                   redis=RedisSettings(**data.get("redis", {})),
                    namespaces={k: Namespace(**v) for k, v in data["namespaces"].items()})
 
     def namespace_for(self, channel: str) -> Namespace | None:
@@ -237,7 +255,20 @@ def _redis_url(key: str, value: Any, text: bool) -> str:
     value = _str(key, value, text).strip()
     parts = urlsplit(value)
     if parts.scheme not in REDIS_SCHEMES or not (parts.netloc or parts.path):
-        raise ConfigError(key, f"must be a redis://, rediss:// or unix:// URL, got {value!r}")
+        raise ConfigError(key, "must be a redis://, rediss://, unix:// or redis+cluster:// URL, "
+                               f"got {value!r}")
+    try:
+        port = parts.port
+    except ValueError:
+        raise ConfigError(key, f"has an invalid port: {value!r}") from None
+    if parts.scheme.endswith("+cluster"):
+        if not parts.hostname or port is None:
+            raise ConfigError(key, f"a cluster URL names one seed node as HOST:PORT, got {value!r}")
+    elif parts.scheme != "unix" and not parts.hostname:
+        raise ConfigError(key, f"names no host: {value!r}")
+    db = parts.path.strip("/")
+    if parts.scheme != "unix" and db and not db.isdigit():
+        raise ConfigError(key, f"the database after the host must be a number, got {db!r}")
     return value
 
 
@@ -287,6 +318,7 @@ TOP_LEVEL: dict[str, Callable[[str, Any, bool], Any]] = {
     "state_dir": _str,
     "drain_timeout": _float(0.0),
     "flush_interval": _float(0.0),
+    "flush_max_window": _float(0.0),
     "compression": _bool,
     "log_level": _log_level,
 }
@@ -316,6 +348,24 @@ CLUSTER: dict[str, Callable[[str, Any, bool], Any]] = {
     "restart_backoff_max": _float(0.0, strict=True),
     "sweep_interval": _float(0.0, strict=True),
 }
+
+def _redis_prefix(key: str, value: Any, text: bool) -> str:
+    value = _str(key, value, text)
+    if any(ch in value for ch in "{} \t\r\n"):
+        raise ConfigError(key, f"must not contain braces or whitespace (it precedes a hash tag), got {value!r}")
+    return value
+
+
+REDIS: dict[str, Callable[[str, Any, bool], Any]] = {
+    "timeout": _float(0.0, strict=True),
+    "prefix": _redis_prefix,
+    "meta_ttl": _float(0.0),
+    "compress_threshold": _int(0),
+    "health_interval": _float(0.0, strict=True),
+    "reconnect_backoff_max": _float(0.0, strict=True),
+    "presence_ttl": _float(0.0, strict=True),
+}
+
 
 def _fraction(strict: bool) -> Callable[[str, Any, bool], float]:
     """A share of the memory budget: (0, 1], or [0, 1] when not ``strict``."""
@@ -401,6 +451,8 @@ def _apply_file(config: Config, data: dict[str, Any]) -> None:
             config.jwt = _apply_section(config.jwt, "jwt", table, JWT)
         elif name == "cluster":
             config.cluster = _apply_section(config.cluster, "cluster", _table("cluster", value), CLUSTER)
+        elif name == "redis":
+            config.redis = _apply_section(config.redis, "redis", _table("redis", value), REDIS)
         elif name == "memory":
             config.memory = _apply_section(config.memory, "memory", _table("memory", value), MEMORY)
         elif name == "namespaces":
@@ -411,7 +463,7 @@ def _apply_file(config: Config, data: dict[str, Any]) -> None:
                 base = config.namespaces.get(ns_name) or Namespace(ns_name)
                 config.namespaces[ns_name] = _apply_section(base, key, _table(key, ns_table), NAMESPACE)
         else:
-            known = [*TOP_LEVEL, "limits", "jwt", "cluster", "memory", "namespaces"]
+            known = [*TOP_LEVEL, "limits", "jwt", "cluster", "memory", "redis", "namespaces"]
             raise ConfigError(name, f"unknown key (known: {', '.join(known)})")
 
 

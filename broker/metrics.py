@@ -70,6 +70,8 @@ _SERIES = (
      "WebSocket upgrades answered 503 at degradation level 3."),
     ("upgrades_refused_per_ip", "broker_upgrades_refused_per_ip", "counter",
      "WebSocket upgrades answered 429 over limits.connections_per_ip."),
+    ("upgrades_refused_fds", "broker_upgrades_refused_fds", "counter",
+     "WebSocket upgrades answered 503 to keep file descriptors for HTTP (EMFILE avoided)."),
     ("up", "broker_shard_up", "gauge", "1 when the shard is serving."),
     ("engine.history_bytes", "broker_history_bytes", "gauge", "Bytes of retained history homed here."),
     ("engine.zmq_hwm_drops", "broker_zmq_hwm_drops", "counter",
@@ -78,6 +80,16 @@ _SERIES = (
      "Gaps in a channel's stream filled from the home shard's history."),
     ("engine.lost_streams", "broker_lost_streams", "counter",
      "Channel streams that could not continue (subscribers told to recover)."),
+    ("engine.redis_up", "broker_redis_up", "gauge", "1 when Redis answers (Redis engine)."),
+    ("engine.redis_outages", "broker_redis_outages", "counter", "Times Redis stopped answering."),
+    ("engine.redis_reconnects", "broker_redis_pubsub_reconnects", "counter",
+     "Reconnects of the shard's Redis pub/sub connections."),
+    ("engine.redis_errors", "broker_redis_errors", "counter", "Redis calls that failed (each a 503)."),
+    ("engine.redis_calls", "broker_redis_calls", "counter", "Script calls sent to Redis."),
+    ("engine.redis_batches", "broker_redis_batches", "counter",
+     "Pipelined round trips to Redis (calls / batches = the batching factor)."),
+    ("engine.redis_compressed", "broker_redis_compressed", "counter",
+     "Payloads sent through Redis compressed."),
 )
 
 _HISTOGRAMS = (

@@ -67,10 +67,6 @@ def serve(config: Config) -> int:
     """``broker serve``: a supervisor and its shards, until SIGTERM/SIGINT."""
     configure_logging(config.log_level)
     log_capacity(log, "supervisor", raise_nofile_limit())
-    if config.redis_url:
-        print("error: redis_url: the Redis engine is not built yet; "
-              "run without --redis for one host", file=sys.stderr)
-        return 2
     if config.api_key is None:
         log.warning("no api_key configured: the server API accepts unauthenticated requests")
     from .supervisor import Supervisor
@@ -123,7 +119,16 @@ class Broker:
         asyncio.set_event_loop(loop)
         self._stop = asyncio.Event()
         try:
-            shard = Shard(self.config, loop=loop)
+            engine = None
+            if self.config.redis_url:
+                from .engine.redis import RedisEngine
+
+                engine = RedisEngine(self.config, loop)
+            shard = Shard(self.config, loop=loop, engine=engine)
+            if engine is not None:
+                from .engine.redis import shard_presence
+
+                engine.local_presence = shard_presence(shard)
             self._bound["shard"] = shard
 
             def listening(port: int) -> None:

@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import socket
+import time
 from typing import Any
 
 import psutil
@@ -43,6 +44,11 @@ from .watch import Watch
 __all__ = ["Shard"]
 
 log = logging.getLogger("broker.shard")
+
+# Adaptive batching: after a flush that took T seconds, the next one waits
+# until FLUSH_DUTY * T has passed (bounded by flush_max_window), so flushing
+# takes at most 1 / (1 + FLUSH_DUTY) of a busy shard's time.
+FLUSH_DUTY = 4.0
 
 
 class Shard:
@@ -74,6 +80,7 @@ class Shard:
         }
         self.draining = False
         self._flush_handle: asyncio.Handle | asyncio.TimerHandle | None = None
+        self._next_flush = 0.0  # perf_counter time before which an adaptive flush waits
         self._process = psutil.Process(os.getpid())
         self.node_id = f"{socket.gethostname()}:{config.port}"
         # counters since start
@@ -244,10 +251,19 @@ class Shard:
     def _schedule_flush(self) -> None:
         if self._flush_handle is None:
             interval = self.config.flush_interval
-            self._flush_handle = (self.loop.call_later(interval, self._flush) if interval > 0
+            if interval > 0:
+                self._flush_handle = self.loop.call_later(interval, self._flush)
+                return
+            # Adaptive batching: an idle shard flushes at the end of this loop
+            # turn; one whose last flush was recent waits until its window
+            # (proportional to what that flush cost) has passed, so under load
+            # more lines share each write, and a quiet shard adds no delay.
+            wait = self._next_flush - time.perf_counter()
+            self._flush_handle = (self.loop.call_later(wait, self._flush) if wait > 0
                                   else self.loop.call_soon(self._flush))
 
     def _flush(self) -> None:
+        started = time.perf_counter()
         self._flush_handle = None
         if self._oldest_pending is not None:
             self.flush_latency.observe(self.loop.time() - self._oldest_pending)
@@ -265,6 +281,8 @@ class Shard:
             session = sessions[cid]
             if session is not None:
                 session.write_tail(rest)
+        ended = time.perf_counter()
+        self._next_flush = ended + min(self.config.flush_max_window, FLUSH_DUTY * (ended - started))
 
     def flush_session(self, session: Session, force: bool = False) -> None:
         """Write one session's pending lines now (resume, close, drain)."""
@@ -316,6 +334,15 @@ class Shard:
                 table.remove(cid, channel)
                 if session is not None:
                     session.stream_lost(channel, reason)
+
+    async def publish_many(self, items: list[tuple[str, bytes]]) -> list[Position]:
+        """Many publications at once (a broadcast, a batch): the engine sends
+        each home shard its items in one message."""
+        if self.watch.level >= 3:
+            raise Overloaded("the shard is over its memory budget; publishing is refused")
+        positions = await self.engine.publish_many(items)
+        self.published += len(items)
+        return positions
 
     async def publish(self, channel: str, data_json: bytes) -> Position:
         """Sequence, store and deliver one publication (from the API or a client)."""
@@ -438,6 +465,8 @@ class Shard:
             "memory_cuts": self.watch.cut_for_memory,
             "upgrades_refused_memory": self.watch.refused_for_memory,
             "upgrades_refused_per_ip": self.watch.refused_per_ip,
+            "upgrades_refused_fds": self.watch.fd_refusals.count,
+            "websocket_capacity": self.watch.websocket_capacity,
             "engine": self.engine.stats(),
             "batch_lines": PowerHistogram.from_counts(self.outbound.batch_histogram(),
                                                       self.outbound.lines_written),

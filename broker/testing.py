@@ -154,6 +154,7 @@ class BrokerProcess:
     process: subprocess.Popen | None = None
     log_path: str | None = None
     tls_ca: str | None = None   # the broker serves TLS; clients trust this certificate
+    nofile: int | None = None   # RLIMIT_NOFILE (soft and hard) of the broker's processes
 
     @property
     def ssl_context(self) -> "ssl.SSLContext | None":
@@ -179,9 +180,16 @@ class BrokerProcess:
     def start(self, timeout: float = 20.0) -> "BrokerProcess":
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
         log = open(self.log_path, "wb") if self.log_path else subprocess.DEVNULL
-        self.process = subprocess.Popen(self.command(), env=env, stdout=log, stderr=subprocess.STDOUT)
+        self.process = subprocess.Popen(self.command(), env=env, stdout=log, stderr=subprocess.STDOUT,
+                                        preexec_fn=self._limits if self.nofile else None)
         self.wait_ready(timeout)
         return self
+
+    def _limits(self) -> None:
+        import resource
+
+        assert self.nofile is not None
+        resource.setrlimit(resource.RLIMIT_NOFILE, (self.nofile, self.nofile))
 
     def wait_ready(self, timeout: float = 20.0) -> None:
         deadline = time.monotonic() + timeout

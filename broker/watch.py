@@ -14,6 +14,7 @@ import ctypes.util
 import gc
 import logging
 import os
+import resource
 import time
 from typing import Protocol
 
@@ -21,6 +22,7 @@ import psutil
 
 from .adapters.session import Session
 from .config import Config
+from .fdlimit import EmfileReporter
 from .httpmsg import Response, error_response
 from .pressure import Degradation, IpConnectionTable, MemoryThresholds, shard_budget
 
@@ -29,6 +31,25 @@ __all__ = ["Watch", "Watched", "TICK"]
 log = logging.getLogger("broker.watch")
 
 TICK = 1.0  # seconds between liveness/expiry checks
+
+# Descriptors kept free for plain HTTP (/healthz, /readyz, the API), the
+# journal, ZeroMQ and the handoffs, whatever the WebSockets take.
+FD_RESERVE = 64
+# A WebSocket holds its socket and the dup the C flush writes to.
+FDS_PER_WEBSOCKET = 2
+
+
+def websocket_capacity(reserve: int = FD_RESERVE) -> int:
+    """WebSockets this process can hold before the reserve is touched:
+    refused with a 503 beyond it rather than reset by an EMFILE accept."""
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft == resource.RLIM_INFINITY:
+        return 1 << 30
+    try:
+        open_now = len(os.listdir("/proc/self/fd"))
+    except OSError:  # pragma: no cover - no procfs
+        open_now = 32
+    return max(0, (soft - open_now - reserve) // FDS_PER_WEBSOCKET)
 
 
 def _malloc_trim() -> "ctypes._CFuncPtr | None":
@@ -44,9 +65,11 @@ def _malloc_trim() -> "ctypes._CFuncPtr | None":
 _TRIM = _malloc_trim()
 
 
-def release_memory() -> None:
-    """Collect cycles and return freed memory to the system."""
-    gc.collect()
+def release_memory(collect: bool = True) -> None:
+    """Return freed heap to the system (after collecting cycles, unless
+    ``collect`` is False: a full collection costs more than the trim)."""
+    if collect:
+        gc.collect()
     if _TRIM is not None:
         _TRIM(0)
 
@@ -57,6 +80,11 @@ class Watched(Protocol):
     config: Config
     loop: asyncio.AbstractEventLoop
     sessions: list[Session | None]
+
+    @property
+    def websocket_count(self) -> int:
+        """Open sessions."""
+        ...
 
     def pending_bytes(self, session: Session) -> int:
         """Bytes queued for ``session``."""
@@ -78,6 +106,9 @@ class Watch:
         self.cut_for_memory = 0
         self.refused_for_memory = 0
         self.refused_per_ip = 0
+        self.websocket_capacity = websocket_capacity()
+        self._peak_sessions = 0  # since memory was last returned to the system
+        self.fd_refusals = EmfileReporter()
         self._process = psutil.Process(os.getpid())
         self._next_memory_check = 0.0
         self._timer: asyncio.TimerHandle | None = shard.loop.call_later(TICK, self._tick)
@@ -93,6 +124,13 @@ class Watch:
         if self.level >= 3:
             self.refused_for_memory += 1
             return error_response(503, "overloaded: the shard is over its memory budget; try again later",
+                                  headers=(("Retry-After", "5"),))
+        if self.shard.websocket_count >= self.websocket_capacity:
+            if self.fd_refusals.record(time.monotonic()):
+                log.warning("shard: %d file descriptors' worth of WebSockets (%d) reached; %d upgrades "
+                            "refused with 503 since the last report; raise the hard RLIMIT_NOFILE",
+                            FDS_PER_WEBSOCKET, self.websocket_capacity, self.fd_refusals.since_last_log())
+            return error_response(503, "out of file descriptors: no more WebSockets on this shard",
                                   headers=(("Retry-After", "5"),))
         limit = self.shard.config.limits.connections_per_ip
         if not self.ips.try_acquire(ip, limit):
@@ -115,7 +153,19 @@ class Watch:
         if now >= self._next_memory_check:
             self._next_memory_check = now + shard.config.memory.check_interval
             self.check_memory()
+        self._return_memory_after_a_wave()
         self._timer = shard.loop.call_later(TICK, self._tick)
+
+    def _return_memory_after_a_wave(self) -> None:
+        """When a wave of connections has gone (half of the peak, and at
+        least a few hundred), hand the freed heap back: without it the
+        allocator keeps the pages and RSS only ever grows (issue 13's soak)."""
+        count = self.shard.websocket_count
+        if count > self._peak_sessions:
+            self._peak_sessions = count
+        elif self._peak_sessions - count >= 256 and count <= self._peak_sessions // 2:
+            release_memory(collect=False)
+            self._peak_sessions = count
 
     def check_memory(self) -> None:
         """Measure RSS, move between levels (logged once per change), act."""

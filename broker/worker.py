@@ -17,9 +17,11 @@ import sys
 from .adapters.socketio.handoff import Handoff
 from .adapters.socketio.session import PATH as SOCKETIO_PATH
 from .config import Config
+from .engine.base import Engine
 from .engine.cluster import ClusterEngine
 from .fdlimit import log_capacity, raise_nofile_limit
 from .engine.journal import Journal
+from .engine.redis import RedisEngine, shard_presence
 from .engine.memory import MemoryEngine
 from .router import Endpoints, Router
 from .runtime import configure_logging, new_loop
@@ -69,6 +71,13 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     endpoints = Endpoints.from_dict(spec["endpoints"])
     shards = len(endpoints.pub)
+    router = Router(shard_id_int, endpoints, loop, config.cluster.high_water_mark,
+                    config.cluster.request_timeout)
+    if config.redis_url:
+        # Redis sequences every channel: no home shards, no journal. ZeroMQ
+        # still carries the supervisor's status and the shards' stats.
+        return _run(shard_id_int, shards, parent, run_dir, config, loop, stop, router,
+                    RedisEngine(config, loop, router), journal=None)
     state_dir = config.state_dir or run_dir
     os.makedirs(state_dir, exist_ok=True)
     # The journal's name carries the shard count: with another count the
@@ -81,12 +90,19 @@ def main(argv: list[str] | None = None) -> int:
         return 3
     local = MemoryEngine(config, journal=journal)
     local.schedule = loop.call_soon
-    router = Router(shard_id_int, endpoints, loop, config.cluster.high_water_mark,
-                    config.cluster.request_timeout)
     engine = ClusterEngine(config, shard_id_int, shards, router, local)
+    return _run(shard_id_int, shards, parent, run_dir, config, loop, stop, router, engine, journal)
+
+
+def _run(shard_id_int: int, shards: int, parent: int, run_dir: str, config: Config,
+         loop: asyncio.AbstractEventLoop, stop: asyncio.Event, router: Router,
+         engine: Engine, journal: Journal | None) -> int:
+    """Serve one shard with ``engine`` until ``stop``, then clean up."""
     shard = Shard(config, shard_id=shard_id_int, engine=engine, loop=loop, shards=shards,
                   ip_table_path=os.path.join(run_dir, "ip-connections"))
     shard.attach_router(router)
+    if isinstance(engine, RedisEngine):
+        engine.local_presence = shard_presence(shard)
     # Socket.IO: a request for a session on another shard is passed to it.
     shard.endpoints[SOCKETIO_PATH].handoff = Handoff(run_dir, shard_id_int, loop, shard.protocol_factory)
 
@@ -96,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         loop.run_until_complete(serve_shard(shard, stop, listening))
     finally:
-        journal.close()
+        if journal is not None:
+            journal.close()
         loop.close()
     if os.getppid() != parent and config.state_dir is None:
         # Orphaned: nobody will restart us from this run dir or clean it up.

@@ -287,3 +287,12 @@ def test_cli_rejects_unknown_workload_and_target():
 def test_cli_w2_against_url_needs_a_secret():
     result = CliRunner().invoke(bench, ["--workload", "w2", "--url", "http://127.0.0.1:1"], env={"BROKER_JWT_SECRET": ""})
     assert result.exit_code == 2 and "jwt-secret" in result.output
+
+
+def test_deflate_receivers_inflate_what_the_broker_compresses():
+    from broker._fastpath import Deflater
+    from broker.bench.worker import DEFLATE_OFFER, _inflate
+
+    line = b'{"op":"pub","channel":"bill:1","offset":7,"data":{"seq":1,"ts":5}}'
+    assert _inflate(Deflater(6, 15).compress(line)) == line
+    assert DEFLATE_OFFER["Sec-WebSocket-Extensions"].startswith("permessage-deflate")

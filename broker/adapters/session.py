@@ -174,6 +174,10 @@ class SessionHost(Protocol):
         check). EngineUnavailable when it cannot be stored: never a false ack."""
         ...
 
+    async def publish_many(self, items: list[tuple[str, bytes]]) -> list["Position"]:
+        """Many publications at once (a backend's broadcast): positions in order."""
+        ...
+
     async def client_publish(self, session: Session, channel: str, data_json: bytes) -> "Position":
         """Publish for a client where its namespace allows it (ProtocolViolation
         otherwise; EngineUnavailable when it cannot be stored)."""

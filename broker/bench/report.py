@@ -27,11 +27,13 @@ def _log_path(log_dir: str | None, name: str, workload_name: str) -> str | None:
 
 
 def _start(name: str, workload_name: str, *, spawn: bool, url: str | None, http_url: str | None, pid: int | None,
-           api_key: str | None, jwt_secret: str | None, shards: int, log_dir: str | None) -> Target:
+           api_key: str | None, jwt_secret: str | None, shards: int, log_dir: str | None,
+           serve_args: list[str] | None = None) -> Target:
     log = _log_path(log_dir, name, workload_name)
     if name in ("broker", "broker-socketio"):
         if spawn:
-            target = spawn_broker(shards=shards, api_key=api_key, jwt_secret=jwt_secret, log_path=log)
+            target = spawn_broker(shards=shards, api_key=api_key, jwt_secret=jwt_secret, log_path=log,
+                                  extra=serve_args)
         else:
             assert url is not None
             target = attach(url, http_url, pid)
@@ -47,7 +49,8 @@ def run_bench(*, workloads: list[str], targets: list[str], connections: int | No
               url: str | None = None, http_url: str | None = None, pid: int | None = None,
               api_key: str | None = None, jwt_secret: str | None = None, spawn: bool = False, shards: int = 1,
               drain_timeout: float = 10.0, log_dir: str | None = None, json_path: str | None = None,
-              progress: TextIO | None = sys.stderr, out: TextIO | None = None) -> int:
+              progress: TextIO | None = sys.stderr, out: TextIO | None = None, deflate: bool = False,
+              serve_args: list[str] | None = None) -> int:
     """Run, print, write; returns the exit code (1 when a run failed outright).
 
     With ``spawn``, a missing API key or JWT secret is generated for the run."""
@@ -57,7 +60,7 @@ def run_bench(*, workloads: list[str], targets: list[str], connections: int | No
         jwt_secret = jwt_secret or secrets.token_hex(16)
     jwt_secret = jwt_secret or secrets.token_hex(16)   # the baselines accept any token
     opts = RunOptions(workers=workers, api_key=api_key, jwt_secret=jwt_secret, concurrency=concurrency,
-                      http_conns=http_conns, drain_timeout=drain_timeout, progress=progress)
+                      http_conns=http_conns, drain_timeout=drain_timeout, progress=progress, deflate=deflate)
     results: list[dict[str, Any]] = []
     plan = [workload(name, connections, rate, duration) for name in workloads]
     failed = False
@@ -65,7 +68,7 @@ def run_bench(*, workloads: list[str], targets: list[str], connections: int | No
         for name in targets:
             try:
                 target = _start(name, w.name, spawn=spawn, url=url, http_url=http_url, pid=pid, api_key=api_key,
-                                jwt_secret=jwt_secret, shards=shards, log_dir=log_dir)
+                                jwt_secret=jwt_secret, shards=shards, log_dir=log_dir, serve_args=serve_args)
             except Exception as exc:  # noqa: BLE001 - say so, go on with the others
                 record = stats.finish_result({**stats.empty_result(name, w.name),
                                               "errors": [f"start failed: {type(exc).__name__}: {exc}"]})

@@ -104,6 +104,7 @@ class RunOptions:
     http_conns: int | None = None      # publisher connections per stream (None: by rate)
     drain_timeout: float = 10.0
     progress: TextIO | None = sys.stderr
+    deflate: bool = False              # receivers offer permessage-deflate, as browsers do
 
 
 class _Progress:
@@ -260,7 +261,8 @@ def run_workload(target: Target, w: Workload, opts: RunOptions) -> dict[str, Any
     try:
         for i in range(n_workers):
             params = {"spec": spec, "indices": list(range(i, w.connections, n_workers)), "ws_url": target.ws_url,
-                      "jwt_secret": opts.jwt_secret, "concurrency": concurrency, "budget": budget}
+                      "jwt_secret": opts.jwt_secret, "concurrency": concurrency, "budget": budget,
+                      "deflate": opts.deflate}
             workers.receivers.append(workers.start(receiver_main, params, i))
         streams = _streams(w, opts)
         if streams:

@@ -162,17 +162,15 @@ def _ready(http_url: str, path: str = "/readyz") -> bool:
 
 def spawn_broker(shards: int = 1, api_key: str = "bench-key", jwt_secret: str = "bench-secret",
                  log_path: str | None = None, extra: list[str] | None = None, timeout: float = 30.0) -> Target:
-    """Start ``broker serve`` on a free port and wait for /readyz. Every load
-    connection comes from 127.0.0.1, so the per-IP limit is lifted (unless
-    ``extra`` brings its own ``--config``)."""
-    extra = list(extra or [])
-    if "--config" not in extra:
-        fd, path = tempfile.mkstemp(prefix="bench-", suffix=".toml")
-        with os.fdopen(fd, "w") as fh:
-            fh.write("[limits]\nconnections_per_ip = 1000000\n")
-        extra += ["--config", path]
+    """Start ``broker serve`` on a free port and wait for /readyz.
+
+    Every load client comes from 127.0.0.1, so the per-IP connection limit
+    (PROTOCOL.md §1, default 1,000) is lifted for the run."""
+    config = tempfile.NamedTemporaryFile("w", prefix="bench-", suffix=".toml", delete=False)
+    with config:
+        config.write("[limits]\nconnections_per_ip = 1000000\n")
     proc = BrokerProcess(args=["--allow-anonymous", "--shards", str(shards), "--log-level", "warning",
-                               *extra],
+                               "--config", config.name, *(extra or [])],
                          api_key=api_key, jwt_secret=jwt_secret, log_path=log_path)
     try:
         proc.start(timeout=timeout)

@@ -27,6 +27,7 @@ import resource
 import signal
 import sys
 import time
+import zlib
 from array import array
 from collections import Counter
 from typing import Any
@@ -94,6 +95,15 @@ except ImportError:  # pragma: no cover
 _NEVER = b"\x00never"
 
 
+def _inflate(payload: bytes) -> bytes:
+    """One permessage-deflate message (RFC 7692: the stripped tail restored)."""
+    return zlib.decompressobj(-zlib.MAX_WBITS).decompress(payload + b"\x00\x00\xff\xff")
+
+
+# What a browser offers (RFC 7692), for --deflate runs.
+DEFLATE_OFFER = {"Sec-WebSocket-Extensions": "permessage-deflate; client_max_window_bits"}
+
+
 class Receiver(WSListener):  # type: ignore[misc]
     """One client connection subscribed to (at most) one channel.
 
@@ -140,7 +150,9 @@ class Receiver(WSListener):  # type: ignore[misc]
     def on_ws_frame(self, transport: Any, frame: Any) -> None:
         msg_type = frame.msg_type
         if msg_type is WSMsgType.TEXT:
-            if frame.fin:
+            if frame.rsv1:  # permessage-deflate, no context takeover: each message alone
+                self.feed(_inflate(frame.get_payload_as_bytes()), _monotonic_ns())
+            elif frame.fin:
                 self.feed(frame.get_payload_as_bytes(), _monotonic_ns())
             else:
                 self._fragments = [frame.get_payload_as_bytes()]
@@ -395,7 +407,8 @@ async def _receivers(conn: Any, progress: Any, base: int, params: dict[str, Any]
                 tokens = _mint_tokens(spec, indices, secret)   # before the clock starts
                 times["start"] = time.monotonic()
                 await _connect_all(ws_connect, ws_url, spec, indices, tokens, latencies, receivers,
-                                   connect_errors, state, params.get("concurrency", 64))
+                                   connect_errors, state, params.get("concurrency", 64),
+                                   bool(params.get("deflate")))
                 times["end"] = time.monotonic()
                 conn.send(("connected", {"connected": state["connected"], "failed": state["failed"],
                                          "start": times["start"], "end": times["end"],
@@ -446,7 +459,8 @@ def _mint_tokens(spec: dict[str, Any], indices: list[int], secret: str | None) -
 
 async def _connect_all(ws_connect: Any, ws_url: str, spec: dict[str, Any], indices: list[int],
                        tokens: dict[int, str], latencies: array, receivers: list[Receiver],
-                       errors: Counter[str], state: dict[str, int], concurrency: int) -> None:
+                       errors: Counter[str], state: dict[str, int], concurrency: int,
+                       deflate: bool = False) -> None:
     loop = asyncio.get_running_loop()
     gate = asyncio.Semaphore(max(1, concurrency))
 
@@ -461,7 +475,7 @@ async def _connect_all(ws_connect: Any, ws_url: str, spec: dict[str, Any], indic
                         else Receiver(channel, latencies, ready))
             try:
                 await ws_connect(lambda: receiver, url, websocket_handshake_timeout=15,
-                                 read_buffer_init_size=4096)
+                                 read_buffer_init_size=4096, extra_headers=DEFLATE_OFFER if deflate else None)
                 await asyncio.wait_for(ready, 15)
             except Exception as exc:  # noqa: BLE001 - counted, the run goes on
                 state["failed"] += 1

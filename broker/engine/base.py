@@ -49,6 +49,12 @@ class Engine(abc.ABC):
 
         Raises EngineUnavailable when it cannot be stored: no false acks."""
 
+    async def publish_many(self, items: list[tuple[str, bytes]]) -> list[Position]:
+        """Publish (channel, data) items, in order per channel; positions in
+        item order. Engines that can batch (one request per home shard, one
+        Redis pipeline) override it."""
+        return [await self.publish(channel, data_json) for channel, data_json in items]
+
     @abc.abstractmethod
     async def position(self, channel: str) -> Position:
         """The channel's current epoch and last offset."""
@@ -77,6 +83,11 @@ class Engine(abc.ABC):
 
     def resync_home(self, shard_id: int) -> None:
         """Shard ``shard_id`` was restarted: re-check the streams it sequences."""
+
+    async def presence(self, channel: str) -> dict[str, object] | None:
+        """``{"channel", "subscribers", "users"}`` across every host, or None
+        when this engine does not track presence (only the Redis engine does)."""
+        return None
 
     def stats(self) -> dict[str, int]:
         return {}

@@ -122,3 +122,32 @@ def test_a_shard_over_its_memory_budget_refuses_upgrades_and_publishes(broker_fa
                                headers={"Authorization": f"apikey {broker.api_key}"})
         assert 'broker_degradation_level{shard="0"} 3.0' in metrics
         del before
+
+
+def test_few_file_descriptors_refuse_upgrades_with_503_and_keep_http_answering(tmp_path):
+    from broker.testing import BrokerProcess
+
+    broker = BrokerProcess(args=["--shards", "1", "--allow-anonymous"], nofile=200,
+                           log_path=str(tmp_path / "broker.log"))
+    broker.start()
+    held: list[RawSocket] = []
+    try:
+        statuses = []
+        for _ in range(120):  # more than (200 - what the shard holds - reserve) / 2
+            status, body, raw = _upgrade_status(broker.port)
+            statuses.append(status)
+            held.append(raw)
+            if status != 101:
+                assert status == 503 and "file descriptors" in json.loads(body)["error"]
+        accepted = statuses.count(101)
+        assert 20 <= accepted < 100 and statuses.count(503) == 120 - accepted
+        assert statuses == [101] * accepted + [503] * (120 - accepted)
+        for _ in range(20):  # the reserve keeps plain HTTP answering
+            assert http_json("GET", broker.url + "/healthz")[0] == 200
+        _, stats = broker.api("GET", "/api/stats")
+        assert stats["shards"][0]["upgrades_refused_fds"] == 120 - accepted
+        assert "upgrades refused with 503" in open(tmp_path / "broker.log").read()
+    finally:
+        for raw in held:
+            raw.sock.close()
+        broker.stop()

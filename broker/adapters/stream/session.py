@@ -92,8 +92,6 @@ class StreamSession(WebSocketSession):
             position = await self.host.publish(channel, cmd.data_json)
             return b'%s"op":"published",%s}\n' % (head, _position(channel, position.epoch,
                                                                    position.offset)[1:-1])
-        results = []
-        for channel in cmd.channels:
-            position = await self.host.publish(channel, cmd.data_json)
-            results.append(_position(channel, position.epoch, position.offset))
+        positions = await self.host.publish_many([(channel, cmd.data_json) for channel in cmd.channels])
+        results = [_position(channel, p.epoch, p.offset) for channel, p in zip(cmd.channels, positions, strict=True)]
         return b'%s"op":"broadcasted","results":[%s]}\n' % (head, b",".join(results))

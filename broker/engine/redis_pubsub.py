@@ -1,0 +1,276 @@
+"""Sharded pub/sub (SSUBSCRIBE) from Redis to one shard.
+
+One ``PubSubLink`` is one dedicated connection to one Redis node: a single
+Redis has one, a Redis Cluster one per primary that owns a followed channel
+(``Links`` routes each channel to the owner of its slot). A link reconnects
+by itself with jittered exponential backoff and subscribes its channels
+again; once Redis has confirmed them it reports ``on_restored`` so the
+engine can repair what was published while it was away.
+
+Commands leave a link strictly in the order they were asked for (one
+outbox), so an unsubscribe followed by a subscribe of the same channel can
+never reach Redis the other way round.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import random
+from collections import deque
+from typing import Any, Callable
+
+from redis.asyncio import Redis, RedisCluster
+from redis.exceptions import RedisError, ResponseError
+
+from ..errors import EngineUnavailable
+
+__all__ = ["PubSubLink", "Links"]
+
+log = logging.getLogger("broker.engine.redis")
+
+MessageFn = Callable[[bytes, bytes], None]
+
+
+class PubSubLink:
+    def __init__(self, loop: asyncio.AbstractEventLoop, make_connection: Callable[[], Any],
+                 on_message: MessageFn, on_restored: Callable[[set[bytes]], None],
+                 timeout: float, backoff_max: float, name: str) -> None:
+        self.loop = loop
+        self.name = name
+        self._make = make_connection
+        self.on_message = on_message
+        self.on_restored = on_restored
+        self.timeout = timeout
+        self.backoff_max = backoff_max
+        self.topics: set[bytes] = set()
+        self.up = False
+        self.reconnects = 0
+        self._conn: Any = None
+        self._confirm: dict[bytes, deque[asyncio.Future[None]]] = {}
+        self._outbox: deque[tuple[bytes, ...]] = deque()
+        self._sending = False
+        self._closed = False
+        self._up_event = asyncio.Event()
+        self._restored: set[bytes] = set()  # topics the last (re)connect subscribed
+        self._task = loop.create_task(self._run())
+
+    # ------------------------------------------------------------ callers
+    async def subscribe(self, topic: bytes) -> None:
+        """Follow ``topic``; returns once Redis confirmed (EngineUnavailable if not)."""
+        self.topics.add(topic)
+        if not self.up:
+            # A new link (a cluster node seen for the first time) is still
+            # connecting, or a broken one is reconnecting: give it the timeout.
+            try:
+                await asyncio.wait_for(self._up_event.wait(), self.timeout)
+            except asyncio.TimeoutError:
+                raise EngineUnavailable(f"Redis pub/sub ({self.name}) is not connected") from None
+            if topic not in self.topics:
+                return  # left while waiting
+            if not self.up:
+                raise EngineUnavailable(f"Redis pub/sub ({self.name}) is not connected")
+            if topic in self._restored:
+                return  # the (re)connect subscribed it already
+        confirmed = self._expect(topic)
+        self._send(b"SSUBSCRIBE", topic)
+        try:
+            await asyncio.wait_for(asyncio.shield(confirmed), self.timeout)
+        except asyncio.TimeoutError:
+            raise EngineUnavailable(f"Redis did not confirm a subscription in {self.timeout:g}s") from None
+
+    def unsubscribe(self, topic: bytes) -> None:
+        self.topics.discard(topic)
+        if self.up:
+            self._send(b"SUNSUBSCRIBE", topic)
+
+    # ------------------------------------------------------------ sending
+    def _expect(self, topic: bytes) -> "asyncio.Future[None]":
+        future: asyncio.Future[None] = self.loop.create_future()
+        self._confirm.setdefault(topic, deque()).append(future)
+        return future
+
+    def _send(self, *command: bytes) -> None:
+        self._outbox.append(command)
+        if not self._sending:
+            self._sending = True
+            self.loop.create_task(self._send_all(self._conn))
+
+    async def _send_all(self, conn: Any) -> None:
+        try:
+            while self._outbox and conn is self._conn:
+                command = self._outbox.popleft()
+                await conn.send_command(*command, check_health=False)
+        except (RedisError, OSError) as exc:
+            log.debug("pub/sub %s: send failed: %s", self.name, exc)  # the reader sees the break
+        finally:
+            self._sending = False
+
+    # ------------------------------------------------------------ reading
+    async def _run(self) -> None:
+        delay = 0.0
+        first = True
+        while not self._closed:
+            conn = self._make()
+            try:
+                await asyncio.wait_for(conn.connect(), self.timeout)
+                self._conn = conn
+                restored = self._restored = set(self.topics)
+                waits = [self._expect(topic) for topic in restored]
+                for topic in restored:
+                    self._send(b"SSUBSCRIBE", topic)
+                reader = self.loop.create_task(self._read(conn))
+                try:
+                    if waits:
+                        await asyncio.wait_for(asyncio.gather(*waits), self.timeout)
+                    self.up = True
+                    self._up_event.set()
+                    delay = 0.0
+                    if not first:
+                        self.reconnects += 1
+                        log.info("Redis pub/sub %s reconnected; %d channels resubscribed",
+                                 self.name, len(restored))
+                        self.on_restored(restored)
+                    first = False
+                    await reader
+                finally:
+                    reader.cancel()
+            except (RedisError, OSError, asyncio.TimeoutError, EngineUnavailable) as exc:
+                if self.up:
+                    log.warning("Redis pub/sub %s lost: %s", self.name, exc or type(exc).__name__)
+            except asyncio.CancelledError:
+                await self._disconnect(conn)
+                raise
+            except Exception:  # a bug must not end the link for good: reconnect and repair
+                log.exception("Redis pub/sub %s failed; reconnecting", self.name)
+            self.up = False
+            self._up_event.clear()
+            self._conn = None
+            self._outbox.clear()
+            self._fail_confirmations()
+            await self._disconnect(conn)
+            if self._closed:
+                return
+            delay = min(self.backoff_max, max(0.05, delay * 2))
+            await asyncio.sleep(delay * random.uniform(0.5, 1.5))
+
+    async def _read(self, conn: Any) -> None:
+        on_message = self.on_message
+        while True:
+            try:
+                reply = await conn.read_response(timeout=math.inf, disconnect_on_error=False)
+            except ResponseError as exc:
+                log.warning("pub/sub %s: Redis refused a command: %s", self.name, exc)
+                self._fail_confirmations(exc)
+                continue
+            kind = reply[0]
+            if kind == b"smessage":
+                on_message(reply[1], reply[2])
+            elif kind == b"ssubscribe":
+                waiting = self._confirm.get(reply[1])
+                if waiting:
+                    future = waiting.popleft()
+                    if not waiting:
+                        del self._confirm[reply[1]]
+                    if not future.done():
+                        future.set_result(None)
+            elif kind == b"sunsubscribe" and reply[1] in self.topics:
+                # Not asked for: the slot moved to another node (resharding,
+                # failover). Break the link; its reconnect resubscribes, and the
+                # engine repairs what was published meanwhile.
+                raise EngineUnavailable(f"Redis dropped the subscription of {reply[1]!r}")
+
+    def _fail_confirmations(self, exc: Exception | None = None) -> None:
+        error = EngineUnavailable(f"Redis pub/sub ({self.name}): {exc}" if exc else
+                                  f"Redis pub/sub ({self.name}) disconnected")
+        for waiting in self._confirm.values():
+            for future in waiting:
+                if not future.done():
+                    future.set_exception(error)
+                    future.exception()
+        self._confirm.clear()
+
+    @staticmethod
+    async def _disconnect(conn: Any) -> None:
+        try:
+            await conn.disconnect()
+        except (RedisError, OSError):
+            pass
+
+    async def close(self) -> None:
+        self._closed = True
+        self._task.cancel()
+        try:
+            await self._task
+        except (asyncio.CancelledError, Exception):
+            pass
+
+
+class Links:
+    """The links of one shard: one for a single Redis, one per primary of a
+    cluster (a channel goes to the node that owns its slot)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, client: Redis | RedisCluster,
+                 on_message: MessageFn, on_restored: Callable[[set[bytes]], None],
+                 timeout: float, backoff_max: float) -> None:
+        self.loop = loop
+        self.client = client
+        self.on_message = on_message
+        self.on_restored = on_restored
+        self.timeout = timeout
+        self.backoff_max = backoff_max
+        self.links: dict[str, PubSubLink] = {}
+        self._of_topic: dict[bytes, PubSubLink] = {}
+        if not isinstance(client, RedisCluster):
+            pool = client.connection_pool
+            self._single: PubSubLink | None = self._link("redis", pool.connection_class,
+                                                         pool.connection_kwargs)
+        else:
+            self._single = None
+
+    def _link(self, name: str, connection_class: Any, kwargs: dict[str, Any]) -> PubSubLink:
+        options = {**kwargs, "socket_timeout": None, "socket_connect_timeout": self.timeout}
+        link = PubSubLink(self.loop, lambda: connection_class(**options), self.on_message,
+                          self.on_restored, self.timeout, self.backoff_max, name)
+        self.links[name] = link
+        return link
+
+    def _link_for(self, topic: bytes) -> PubSubLink:
+        if self._single is not None:
+            return self._single
+        link = self._of_topic.get(topic)
+        if link is not None:
+            return link
+        cluster: Any = self.client
+        try:
+            node = cluster.get_node_from_key(topic)
+        except (RedisError, IndexError, KeyError, AttributeError) as exc:
+            raise EngineUnavailable(f"Redis Cluster slots unknown: {exc}") from None
+        if node is None:
+            raise EngineUnavailable("Redis Cluster slots unknown")
+        link = self.links.get(node.name) or self._link(node.name, node.connection_class,
+                                                        node.connection_kwargs)
+        return link
+
+    async def subscribe(self, topic: bytes) -> None:
+        link = self._link_for(topic)
+        self._of_topic[topic] = link
+        await link.subscribe(topic)
+
+    def unsubscribe(self, topic: bytes) -> None:
+        link = self._of_topic.pop(topic, None) or self._single
+        if link is not None:
+            link.unsubscribe(topic)
+
+    @property
+    def up(self) -> bool:
+        """Every link that carries channels is connected."""
+        return all(link.up for link in self.links.values() if link.topics or link is self._single)
+
+    @property
+    def reconnects(self) -> int:
+        return sum(link.reconnects for link in self.links.values())
+
+    async def close(self) -> None:
+        for link in list(self.links.values()):
+            await link.close()
