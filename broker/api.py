@@ -240,8 +240,10 @@ async def presence(shard: "Shard", request: Request, match: re.Match[str]) -> Re
 
 @route("GET", "/api/stats")
 async def stats(shard: ApiHost, request: Request, match: re.Match[str]) -> Response:
-    return json_response(200, node_stats(shard.node_id, await shard.cluster_stats(),
-                                         (shard.config.memory_limit_mb or 0) * 2**20))
+    from .shardops import view
+
+    return json_response(200, {**node_stats(shard.node_id, await shard.cluster_stats(),
+                                            (shard.config.memory_limit_mb or 0) * 2**20), **view(shard)})
 
 
 def node_stats(node: str, shards: list[dict[str, Any]], memory_limit_bytes: int = 0) -> dict[str, Any]:
@@ -277,3 +279,6 @@ async def metrics(shard: ApiHost, request: Request, match: re.Match[str]) -> Res
 async def websocket_without_upgrade(shard: ApiHost, request: Request, match: re.Match[str]) -> Response:
     """A plain GET of the WebSocket endpoint: say how to talk to it."""
     return upgrade_required()
+
+
+from . import admin  # noqa: E402,F401  (registers /api/admin/*)

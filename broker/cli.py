@@ -87,10 +87,14 @@ def serve(ctx: click.Context, config_file: str | None, **values: Any) -> None:
         config = load_config(config_file, os.environ, given)
     except ConfigError as exc:
         _fail(exc.key, exc.message)
+    from broker.reload import ConfigSources
     from broker.server import serve as run_server  # lazy: the CLI's other commands stay light
 
+    # Kept for reload and deploy: flags and environment still beat a new file.
+    sources = ConfigSources(os.path.abspath(config_file) if config_file else None,
+                            {k: v for k, v in os.environ.items() if k.startswith("BROKER_")}, given)
     try:
-        code = run_server(config)
+        code = run_server(config, sources)
     except ConfigError as exc:
         _fail(exc.key, exc.message)
     sys.exit(code or 0)
@@ -161,7 +165,8 @@ def publish(url: str, api_key: str | None, channel: str, data: str) -> None:
 
 def _stats_table(stats: dict[str, Any]) -> str:
     totals = ("connections", "subscriptions", "channels", "published", "delivered")
-    lines = [f"node {stats.get('node', '?')}"]
+    lines = [f"node {stats.get('node', '?')}"
+             + (f"  generation {stats['generation']} ({stats.get('phase', '?')})" if "generation" in stats else "")]
     lines.append("  ".join(f"{name} {stats.get(name, '-')}" for name in totals))
     header = ("shard", "pid", "up", "connections", "subscriptions", "delivered", "rss MB", "degradation")
     rows = [header]
@@ -218,15 +223,116 @@ def _summary(config: Config) -> str:
 
 
 @main.command("check-config")
-@click.argument("file", metavar="FILE")
-def check_config(file: str) -> None:
-    """Validate a TOML config file (exit 2 naming the bad key)."""
+@click.argument("file", metavar="FILE", required=False)
+@click.option("--diff", "files", nargs=2, metavar="OLD NEW",
+              help="Show what changes from OLD to NEW, key by key, and whether a reload "
+                   "applies it or it needs a deploy.")
+def check_config(file: str | None, files: tuple[str, str] | None) -> None:
+    """Validate a TOML config file (exit 2 naming the bad key), or --diff two."""
+    if files:
+        _diff(*files)
+        return
+    if file is None:
+        _fail("FILE", "give a config file to check (or --diff OLD NEW)")
     try:
         config = load_config(file)
     except ConfigError as exc:
         _fail(exc.key, exc.message)
     click.echo("ok")
     click.echo(_summary(config))
+
+
+def _diff(old_file: str, new_file: str) -> None:
+    from broker.reload import diff
+
+    configs = []
+    for path in (old_file, new_file):
+        try:
+            configs.append(load_config(path))
+        except ConfigError as exc:
+            _fail(exc.key, f"{exc.message} (in {path})")
+    changes = diff(*configs)
+    if not changes:
+        click.echo("no change")
+        return
+    for change in changes:
+        click.echo(f"{change.key}: {change.old!r} -> {change.new!r}  "
+                   f"[{'runtime' if change.runtime else 'deploy'}]")
+    needs_deploy = [c.key for c in changes if not c.runtime]
+    if needs_deploy:
+        click.echo(f"needs a deploy (`broker deploy`): {', '.join(needs_deploy)}")
+    else:
+        click.echo("a reload applies it (`broker reload` or SIGHUP), no connection dropped")
+
+
+# -- deploy / rollback / reload ---------------------------------------------------
+
+def _operate(url: str, api_key: str | None, op: str, config_file: str | None) -> NoReturn:
+    """POST /api/admin/<op>: print the progress lines, then the result as one
+    JSON line; exit 0 on success, 2 when a config key is refused, else 1."""
+    import urllib.error
+    import urllib.request
+
+    body = json.dumps({"config": os.path.abspath(config_file) if config_file else None}).encode()
+    headers = {"Content-Type": "application/json"}
+    if api_key:
+        headers["Authorization"] = f"apikey {api_key}"
+    request = urllib.request.Request(url.rstrip("/") + f"/api/admin/{op}", data=body,
+                                     method="POST", headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=3600) as response:
+            raw = response.read()
+    except urllib.error.HTTPError as exc:
+        raw = exc.read()
+    except (OSError, ValueError) as exc:
+        result = {"ok": False, "operation": op, "error": f"cannot reach the broker at {url}: {exc}"}
+        click.echo(json.dumps(result))
+        sys.exit(1)
+    result: dict[str, Any] = {"ok": False, "operation": op, "error": "empty reply"}
+    for line in raw.decode("utf-8", "replace").splitlines():
+        try:
+            item = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(item, dict) and set(item) == {"progress"}:
+            click.echo(item["progress"])
+        elif isinstance(item, dict) and "ok" in item:
+            result = item
+        elif isinstance(item, dict) and "error" in item:  # a refusal before the operation (401, 403)
+            result = {"ok": False, "operation": op, "error": item["error"]}
+    click.echo(json.dumps(result))
+    if result.get("ok"):
+        sys.exit(0)
+    if result.get("key"):
+        click.echo(f"error: {result['key']}: {result.get('error')}", err=True)
+        sys.exit(2)
+    click.echo(f"error: {result.get('error')}", err=True)
+    sys.exit(1)
+
+
+@main.command()
+@_url_option
+@click.option("--config", "config_file", metavar="FILE",
+              help="Config of the new generation [the file the broker loaded last].")
+def deploy(url: str, api_key: str | None, config_file: str | None) -> None:
+    """Blue-green deploy: a new generation from the code and config on disk."""
+    _operate(url, api_key, "deploy", config_file)
+
+
+@main.command()
+@_url_option
+def rollback(url: str, api_key: str | None) -> None:
+    """Back to the previous generation's code and config."""
+    _operate(url, api_key, "rollback", None)
+
+
+@main.command()
+@_url_option
+@click.option("--config", "config_file", metavar="FILE",
+              help="File to reload [the file the broker loaded last].")
+def reload(url: str, api_key: str | None, config_file: str | None) -> None:
+    """Apply changed runtime settings without dropping a connection."""
+    _operate(url, api_key, "reload", config_file)
 
 
 

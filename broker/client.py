@@ -455,6 +455,8 @@ class Client:
         self.request_timeout = request_timeout
         self.open_timeout = open_timeout
         self.reconnects = 0                  # successful reconnections so far
+        # (monotonic time the connection was lost, time it was open again), per reconnection
+        self.reconnected: list[tuple[float, float]] = []
         self._ws: ClientConnection | None = None
         self._subs: dict[str, _Subscription] = {}
         self._pending: dict[int, _Pending] = {}
@@ -604,9 +606,11 @@ class Client:
             if not self.reconnect:
                 self._stop(ConnectionError("connection lost and reconnect=False"))
                 return
+            lost_at = time.monotonic()
             if not await self._reconnect_loop(ws.close_code):
                 return
             self.reconnects += 1
+            self.reconnected.append((lost_at, time.monotonic()))
             # Resubscribe before waiting commands may go: they come after.
             try:
                 await self._resubscribe_all()

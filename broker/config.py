@@ -25,6 +25,8 @@ __all__ = [
     "JwtSettings",
     "Cluster",
     "RedisSettings",
+    "Feature",
+    "Deploy",
     "Memory",
     "default_namespaces",
     "load_config",
@@ -125,6 +127,27 @@ class RedisSettings:
 
 
 @dataclass
+class Feature:
+    """A named switch (PROTOCOL.md §5): on for ``rollout`` percent of users,
+    chosen by a stable hash (broker.features)."""
+
+    enabled: bool = True
+    rollout: int = 100                       # 0..100: share of users (or anonymous connections)
+
+
+@dataclass
+class Deploy:
+    """How ``broker deploy`` moves clients to a new generation (docs/operations.md)."""
+
+    ready_timeout: float = 60.0              # seconds for every new shard to be ready
+    wave_size: int = 200                     # clients asked to reconnect per wave, whole node
+    wave_interval: float = 0.5               # seconds between waves
+    max_after_ms: int = 1000                 # reconnect ops carry after_ms in 0..this (<= 30000)
+    max_error_rate: float = 0.05             # share of failed requests in the first wave => rollback
+    first_wave_watch: float = 2.0            # seconds the new generation is watched after the first wave
+
+
+@dataclass
 class Config:
     host: str = "127.0.0.1"
     port: int = 8765
@@ -148,6 +171,8 @@ class Config:
     cluster: Cluster = field(default_factory=Cluster)
     redis: RedisSettings = field(default_factory=RedisSettings)
     memory: Memory = field(default_factory=Memory)
+    features: dict[str, Feature] = field(default_factory=dict)
+    deploy: Deploy = field(default_factory=Deploy)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data (JSON-safe) for handing the config to a shard process."""
@@ -157,13 +182,16 @@ class Config:
     def from_dict(cls, data: Mapping[str, Any]) -> "Config":
         """The inverse of ``to_dict`` (no validation: the data came from a Config)."""
         top = {k: v for k, v in data.items()
-               if k not in ("limits", "jwt", "namespaces", "cluster", "memory", "redis")}
+               if k not in ("limits", "jwt", "namespaces", "cluster", "memory", "redis", "features",
+                            "deploy")}
         jwt = dict(data["jwt"])
         jwt["algorithms"] = tuple(jwt["algorithms"])
         return cls(**top, limits=Limits(**data["limits"]), jwt=JwtSettings(**jwt),
                    cluster=Cluster(**data["cluster"]), memory=Memory(**data.get("memory", {})),
                    redis=RedisSettings(**data.get("redis", {})),
-                   namespaces={k: Namespace(**v) for k, v in data["namespaces"].items()})
+                   namespaces={k: Namespace(**v) for k, v in data["namespaces"].items()},
+                   features={k: Feature(**v) for k, v in data.get("features", {}).items()},
+                   deploy=Deploy(**data.get("deploy", {})))
 
     def namespace_for(self, channel: str) -> Namespace | None:
         """The namespace of ``channel`` (the part before its first ``:``), or
@@ -387,6 +415,20 @@ MEMORY: dict[str, Callable[[str, Any, bool], Any]] = {
     "check_interval": _float(0.0, strict=True),
 }
 
+FEATURE: dict[str, Callable[[str, Any, bool], Any]] = {
+    "enabled": _bool,
+    "rollout": _int(0, 100),
+}
+
+DEPLOY: dict[str, Callable[[str, Any, bool], Any]] = {
+    "ready_timeout": _float(0.0, strict=True),
+    "wave_size": _int(1),
+    "wave_interval": _float(0.0),
+    "max_after_ms": _int(0, 30000),
+    "max_error_rate": _float(0.0),
+    "first_wave_watch": _float(0.0),
+}
+
 NAMESPACE: dict[str, Callable[[str, Any, bool], Any]] = {
     "history_size": _int(1),
     "history_ttl": _float(0.0),
@@ -462,8 +504,17 @@ def _apply_file(config: Config, data: dict[str, Any]) -> None:
                     raise ConfigError(key, "namespace names use only letters, digits, '_' and '-'")
                 base = config.namespaces.get(ns_name) or Namespace(ns_name)
                 config.namespaces[ns_name] = _apply_section(base, key, _table(key, ns_table), NAMESPACE)
+        elif name == "features":
+            for feature, table in _table("features", value).items():
+                key = f"features.{feature}"
+                if not _NAMESPACE_NAME.match(feature):
+                    raise ConfigError(key, "feature names use only letters, digits, '_' and '-'")
+                config.features[feature] = _apply_section(Feature(), key, _table(key, table), FEATURE)
+        elif name == "deploy":
+            config.deploy = _apply_section(config.deploy, "deploy", _table("deploy", value), DEPLOY)
         else:
-            known = [*TOP_LEVEL, "limits", "jwt", "cluster", "memory", "redis", "namespaces"]
+            known = [*TOP_LEVEL, "limits", "jwt", "cluster", "memory", "redis", "namespaces", "features",
+                     "deploy"]
             raise ConfigError(name, f"unknown key (known: {', '.join(known)})")
 
 

@@ -300,7 +300,9 @@ class Connection(asyncio.Protocol):
         path = url.path.decode("latin-1") if url and url.path else "/"
         query = url.query.decode("latin-1") if url and url.query else ""
         method = self.parser.get_method().decode() if self.parser else "GET"
-        return Request(method, path, query, self._headers, b"".join(self._body), keep_alive, self)
+        peer = self.transport.get_extra_info("peername") if self.transport is not None else None
+        return Request(method, path, query, self._headers, b"".join(self._body), keep_alive,
+                       peer[0] if peer else "", self)
 
     # One queue of work per connection (HTTP requests, WebSocket messages):
     # handled strictly in order, each eagerly; only work that suspends (a

@@ -21,6 +21,7 @@ from websockets.utils import accept_key
 from .auth import ANONYMOUS, verify_token
 from .config import Config
 from .errors import AuthError
+from .features import is_on, rollout_key
 from .httpmsg import Request, Response, error_response
 
 __all__ = ["Accepted", "Authenticate", "authenticate_client", "negotiate", "upgrade_required"]
@@ -43,6 +44,7 @@ class Accepted:
     identity: Any
     deflate: PerMessageDeflate | None   # decodes client frames; we encode our own
     window_bits: int                    # server_max_window_bits for our Deflater
+    rollout_key: str = ""               # feature flags' hash key (broker.features)
 
 
 def _token_of(request: Request) -> str | None:
@@ -112,9 +114,12 @@ def negotiate(request: Request, config: Config,
     if isinstance(identity, Response):
         return identity
 
+    # Anonymous connections hash by their random Sec-WebSocket-Key.
+    rollout = rollout_key(identity.user, key)
     extra = ""
     extension: PerMessageDeflate | None = None
-    if config.compression and "sec-websocket-extensions" in headers:
+    if (config.compression and "sec-websocket-extensions" in headers
+            and is_on(config, "compression", rollout)):
         try:
             value, extension = _negotiate_deflate(headers["sec-websocket-extensions"])
         except InvalidHeader as exc:
@@ -129,4 +134,4 @@ def negotiate(request: Request, config: Config,
         f"{extra}\r\n"
     ).encode("latin-1")
     window_bits = (extension.local_max_window_bits or 15) if extension else 15
-    return Accepted(response, identity, extension, window_bits)
+    return Accepted(response, identity, extension, window_bits, rollout)

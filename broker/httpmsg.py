@@ -19,6 +19,7 @@ class Request:
     headers: dict[str, str] = field(default_factory=dict)  # lower-case names
     body: bytes = b""
     keep_alive: bool = True
+    peer: str = ""                                          # the client's IP address
     connection: Any = None   # the Connection it came on (a handler may pass it on: detach())
 
     def encode(self) -> bytes:

@@ -36,16 +36,33 @@ def _listen_socket(host: str, port: int) -> socket.socket:
 
 
 async def serve_shard(shard: Shard, stop: asyncio.Event,
-                      on_listening: Callable[[int], None] | None = None) -> None:
-    """Listen on the config's host/port (SO_REUSEPORT), serve until ``stop``
-    is set, then drain: the one way every shard runs, embedded or forked."""
+                      on_listening: Callable[[int], None] | None = None,
+                      sock: socket.socket | None = None, gate: Any = None) -> None:
+    """Listen on ``sock`` (the supervisor's, inherited) or on the config's
+    host/port, serve until ``stop`` is set, then drain: the one way every
+    shard runs, embedded or forked. With a ``gate`` (broker.shardops), the
+    shard accepts only while the gate says so (``gate.accepting``, then
+    ``gate.on_accepting(bool)``): a deploy's new generation starts accepting
+    at the take-over, the old one stops."""
     config = shard.config
-    sock = _listen_socket(config.host, config.port)
+    sock = sock if sock is not None else _listen_socket(config.host, config.port)
     port = sock.getsockname()[1]
     shard.node_id = f"{socket.gethostname()}:{port}"
     context = server_context(config)
     server = await shard.loop.create_server(shard.protocol_factory, sock=sock, backlog=4096,
-                                            ssl=context)
+                                            ssl=context, start_serving=gate is None)
+    if gate is not None:
+        def accept(accepting: bool) -> None:
+            if accepting:
+                shard.loop.create_task(server.start_serving())
+                log.info("shard %d accepting", shard.id)
+            else:
+                server.close()  # this process's copy only: the queue stays for the others
+                log.info("shard %d stopped accepting", shard.id)
+
+        gate.on_accepting = accept
+        if gate.accepting:
+            accept(True)
     scheme = "https" if context is not None else "http"
     log.info("shard %d serving on %s://%s:%d (WebSocket at /ws), fastpath: %s",
              shard.id, scheme, config.host, port, _fastpath.IMPLEMENTATION)
@@ -63,7 +80,7 @@ async def serve_shard(shard: Shard, stop: asyncio.Event,
         log.info("shard %d stopped", shard.id)
 
 
-def serve(config: Config) -> int:
+def serve(config: Config, sources: Any = None) -> int:
     """``broker serve``: a supervisor and its shards, until SIGTERM/SIGINT."""
     configure_logging(config.log_level)
     log_capacity(log, "supervisor", raise_nofile_limit())
@@ -71,7 +88,7 @@ def serve(config: Config) -> int:
         log.warning("no api_key configured: the server API accepts unauthenticated requests")
     from .supervisor import Supervisor
 
-    return Supervisor(config).run()
+    return Supervisor(config, sources).run()
 
 
 class Broker:

@@ -20,6 +20,7 @@ import asyncio
 import json
 import logging
 import os
+import random
 import socket
 import time
 from typing import Any
@@ -79,6 +80,8 @@ class Shard:
             SOCKETIO_PATH: SocketIOEndpoint(self),
         }
         self.draining = False
+        self.retired = False                    # a deploy's newer generation took over
+        self.admin_endpoint: str | None = None  # the supervisor's admin socket (broker.admin)
         self._flush_handle: asyncio.Handle | asyncio.TimerHandle | None = None
         self._next_flush = 0.0  # perf_counter time before which an adaptive flush waits
         self._process = psutil.Process(os.getpid())
@@ -89,6 +92,8 @@ class Shard:
         self.slow_consumers = 0
         self.bad_commands = 0
         self.connections_total = 0
+        self.http_requests = 0
+        self.http_errors = 0     # 5xx other than 503: a deploy's first wave watches it
         self.flush_latency = PowerHistogram(size=22, unit=1e-6)  # microsecond buckets up to ~2 s
         self._oldest_pending: float | None = None
         self._sweeper: asyncio.TimerHandle | None = self.loop.call_later(
@@ -100,13 +105,21 @@ class Shard:
     def protocol_factory(self) -> Connection:
         return Connection(self)
 
-    def handle_http(self, request: Request):
+    async def handle_http(self, request: Request) -> Response:
+        self.http_requests += 1
         # An endpoint that also answers plain HTTP (Socket.IO's long-polling)
         # takes its path; everything else is the API's.
         handler = getattr(self.endpoints.get(request.path), "handle_http", None)
-        if handler is not None:
-            return handler(request)
-        return api.handle(self, request)
+        try:
+            response = await (handler(request) if handler is not None else api.handle(self, request))
+        except BaseException:
+            self.http_errors += 1
+            raise
+        if response.status >= 500 and response.status != 503:
+            self.http_errors += 1  # 503 is back-pressure (fenced, overloaded), not a fault
+        if self.retired:  # a newer generation serves: let the client reconnect there
+            response.close = True
+        return response
 
     def websocket_endpoint(self, path: str) -> WebSocketEndpoint | None:
         return self.endpoints.get(path)
@@ -367,6 +380,29 @@ class Shard:
             if session is not None:
                 session.abort()
 
+    def subscribed_channels(self) -> set[str]:
+        """Every channel with a subscriber on this shard."""
+        return {channel for table in self._tables.values() for channel in table.channels()}
+
+    async def migrate(self, wave_size: int, interval: float, max_after_ms: int) -> int:
+        """A deploy's paced migration: ask ``wave_size`` clients per
+        ``interval`` seconds to reconnect (each after a random 0..max_after_ms,
+        so a wave's reconnects spread out), until none is left; returns how
+        many were asked. New upgrades are refused meanwhile (503)."""
+        self.draining = self.retired = True
+        asked = 0
+        while True:
+            live = [s for s in self.sessions if s is not None and not s.closing]
+            if not live:
+                return asked
+            for session in live[:wave_size]:
+                session.reconnect("deploy: a new generation serves",
+                                  random.randint(0, min(max_after_ms, 30000)))
+                asked += 1
+            if len(live) <= wave_size:
+                return asked
+            await asyncio.sleep(interval)
+
     def close(self) -> None:
         self.watch.close()
         if self._sweeper is not None:
@@ -401,6 +437,8 @@ class Shard:
         """Why /readyz is 503, or None when this node accepts traffic."""
         if self.draining:
             return "draining"
+        if self.retired:
+            return "retiring: a newer generation serves"
         if self.watch.level >= 3:
             return "over the memory budget (degradation level 3)"
         if not self.engine.ready():

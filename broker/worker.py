@@ -12,6 +12,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import sys
 
 from .adapters.socketio.handoff import Handoff
@@ -19,14 +20,16 @@ from .adapters.socketio.session import PATH as SOCKETIO_PATH
 from .config import Config
 from .engine.base import Engine
 from .engine.cluster import ClusterEngine
-from .fdlimit import log_capacity, raise_nofile_limit
 from .engine.journal import Journal
-from .engine.redis import RedisEngine, shard_presence
 from .engine.memory import MemoryEngine
+from .engine.redis import RedisEngine, shard_presence
+from .fdlimit import log_capacity, raise_nofile_limit
+from .handover import import_state, is_fresh, journal_path
 from .router import Endpoints, Router
 from .runtime import configure_logging, new_loop
 from .server import serve_shard
 from .shard import Shard
+from .shardops import ShardOperations
 
 __all__ = ["main", "load_spec", "ORPHAN_CHECK"]
 
@@ -74,43 +77,77 @@ def main(argv: list[str] | None = None) -> int:
     router = Router(shard_id_int, endpoints, loop, config.cluster.high_water_mark,
                     config.cluster.request_timeout)
     if config.redis_url:
-        # Redis sequences every channel: no home shards, no journal. ZeroMQ
-        # still carries the supervisor's status and the shards' stats.
-        return _run(shard_id_int, shards, parent, run_dir, config, loop, stop, router,
+        # Redis sequences every channel: no home shards, no journal, nothing
+        # to hand over in a deploy. ZeroMQ still carries the supervisor's
+        # status and the shards' stats.
+        router.tell_supervisor({"booted": shard_id_int, "pid": os.getpid()})
+        return _run(shard_id_int, shards, parent, run_dir, spec, config, loop, stop, router,
                     RedisEngine(config, loop, router), journal=None)
-    state_dir = config.state_dir or run_dir
-    os.makedirs(state_dir, exist_ok=True)
-    # The journal's name carries the shard count: with another count the
-    # channels have other homes, and old state must not be taken for current.
-    path = os.path.join(state_dir, f"journal-{shard_id_int}-of-{shards}")
+    generation = spec.get("generation", 1)
+    journal_dir = spec.get("journal_dir") or config.state_dir or run_dir
+    os.makedirs(journal_dir, exist_ok=True)
+    # The journal's name carries the generation and the shard count: with
+    # another count the channels have other homes (broker.handover re-homes).
+    path = journal_path(journal_dir, generation, shard_id_int, shards)
     try:
         journal = Journal(path)
     except BlockingIOError:
         log.error("shard %d: %s is in use by another broker; refusing to start", shard_id_int, path)
+        router.close()
         return 3
+    if is_fresh(journal) and spec.get("sources"):
+        # A deploy's new generation: wait until the old one is fenced
+        # (the supervisor's "import"), then take its channels over.
+        go = loop.create_future()
+        router.on_status = lambda status: status.get("import") and not go.done() and go.set_result(None)
+        router.tell_supervisor({"booted": shard_id_int, "pid": os.getpid()})
+        waiting = loop.create_task(stop.wait())
+        loop.run_until_complete(asyncio.wait([go, waiting], return_when=asyncio.FIRST_COMPLETED))
+        waiting.cancel()
+        if stop.is_set():
+            router.close()
+            journal.close()
+            loop.close()
+            return 0
+        import_state(journal, spec["sources"], shard_id_int, shards)
+    else:
+        router.tell_supervisor({"booted": shard_id_int, "pid": os.getpid()})
     local = MemoryEngine(config, journal=journal)
     local.schedule = loop.call_soon
     engine = ClusterEngine(config, shard_id_int, shards, router, local)
-    return _run(shard_id_int, shards, parent, run_dir, config, loop, stop, router, engine, journal)
+    return _run(shard_id_int, shards, parent, run_dir, spec, config, loop, stop, router, engine, journal)
 
 
-def _run(shard_id_int: int, shards: int, parent: int, run_dir: str, config: Config,
+def _run(shard_id_int: int, shards: int, parent: int, run_dir: str, spec: dict, config: Config,
          loop: asyncio.AbstractEventLoop, stop: asyncio.Event, router: Router,
          engine: Engine, journal: Journal | None) -> int:
     """Serve one shard with ``engine`` until ``stop``, then clean up."""
-    shard = Shard(config, shard_id=shard_id_int, engine=engine, loop=loop, shards=shards,
-                  ip_table_path=os.path.join(run_dir, "ip-connections"))
-    shard.attach_router(router)
-    if isinstance(engine, RedisEngine):
-        engine.local_presence = shard_presence(shard)
-    # Socket.IO: a request for a session on another shard is passed to it.
-    shard.endpoints[SOCKETIO_PATH].handoff = Handoff(run_dir, shard_id_int, loop, shard.protocol_factory)
-
-    def listening(port: int) -> None:
-        router.tell_supervisor({"ready": shard_id_int, "pid": os.getpid()})
-
     try:
-        loop.run_until_complete(serve_shard(shard, stop, listening))
+        shard = Shard(config, shard_id=shard_id_int, engine=engine, loop=loop, shards=shards,
+                      ip_table_path=os.path.join(run_dir, "ip-connections"))
+        shard.attach_router(router)
+        if isinstance(engine, RedisEngine):
+            engine.local_presence = shard_presence(shard)
+        # Socket.IO: a request for a session on another shard is passed to it.
+        shard.endpoints[SOCKETIO_PATH].handoff = Handoff(run_dir, shard_id_int, loop, shard.protocol_factory)
+        shard.admin_endpoint = spec.get("admin") or None
+        operations = ShardOperations(shard, run_dir, router.tell_supervisor, spec.get("config_version", 0))
+        follow_shard = router.on_status
+
+        def on_status(status: dict) -> None:
+            follow_shard(status)
+            operations.follow(status)
+
+        router.on_status = on_status
+
+        def listening(port: int) -> None:
+            router.tell_supervisor({"ready": shard_id_int, "pid": os.getpid()})
+
+        listener = None
+        if "listen_fd" in spec:  # the supervisor's listening socket, inherited
+            listener = socket.socket(fileno=spec["listen_fd"])
+            listener.setblocking(False)
+        loop.run_until_complete(serve_shard(shard, stop, listening, sock=listener, gate=operations))
     finally:
         if journal is not None:
             journal.close()

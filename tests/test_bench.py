@@ -79,7 +79,27 @@ def test_receiver_fast_path_batch_frame():
     assert (r.start, r.last, r.received, r.gaps, r.duplicates) == (17, 20, 3, 0, 0)
     assert list(lat) == [1000, 500, 100]
     assert r.report(20) == {"expected": 3, "received": 3, "duplicates": 0, "gaps": 0, "missing": 0,
-                            "unsubscribed": 0, "reconnects": 0, "early": 0}
+                            "unsubscribed": 0, "reconnects": 0, "reconnected": 0, "early": 0}
+
+
+def test_receiver_follows_a_reconnect_op_and_recovers_without_a_gap():
+    lat = array("q")
+    r = Receiver("bill:1", lat)
+    reopened = []
+    r.reopen = lambda receiver, after_ms: reopened.append(after_ms)
+    _subscribed(r, 10)
+    r.feed(_pub("bill:1", 11, 0) + b'\n{"op":"reconnect","reason":"deploy","after_ms":250}', 5)
+    r.disconnected(1_000)                 # the 1012 close that follows
+    assert reopened == [250] and r.reconnects == 1
+    assert json.loads(r.recover_command()) == {"id": 2, "op": "subscribe", "channel": "bill:1",
+                                               "recover": {"epoch": "e", "offset": 11}}
+    r.recovering = True                   # what on_ws_connected does on the new connection
+    r.feed(b'{"id":2,"op":"subscribed","channel":"bill:1","epoch":"e","offset":13,"recovered":true}\n'
+           + _pub("bill:1", 12, 0) + b"\n" + _pub("bill:1", 13, 0), 301_000)
+    assert (r.start, r.last, r.received, r.gaps, r.duplicates) == (10, 13, 3, 0, 0)
+    assert r.reconnect_delays == [300_000] and not r.errors
+    r.disconnected(400_000)               # a close without a reconnect op: not followed
+    assert reopened == [250]
 
 
 def test_receiver_counts_gaps_duplicates_and_losses():

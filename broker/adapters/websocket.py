@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 from .._fastpath import FRAMING_NATIVE
 from ..errors import ProtocolViolation
+from ..features import is_on
 from ..handshake import Accepted
 from ..pressure import TokenBucket
 from ..tls import is_tls
@@ -25,12 +26,15 @@ __all__ = ["WebSocketSession"]
 class WebSocketSession(Session):
     """A session bound to one WebSocket connection for its whole life."""
 
-    __slots__ = ("host", "conn", "_budget", "_bucket")
+    __slots__ = ("host", "conn", "_budget", "_bucket", "_direct")
 
     def __init__(self, host: SessionHost, conn: "Connection", accepted: Accepted) -> None:
         super().__init__(accepted.identity)
         self.host = host
         self.conn = conn
+        # Feature flag "direct_write" (broker.features): off, every frame goes
+        # through the transport instead of the C flush's direct write.
+        self._direct = is_on(host.config, "direct_write", accepted.rollout_key)
         self._budget: BadCommandBudget | None = None
         self._bucket: TokenBucket | None = None
 
@@ -39,7 +43,7 @@ class WebSocketSession(Session):
         compressed) to a dup of the socket itself, except through TLS, where
         every byte must go through the transport (write_pending)."""
         conn = self.conn
-        fd = -1 if conn.transport is None or is_tls(conn.transport) else conn.dup_fd()
+        fd = -1 if conn.transport is None or is_tls(conn.transport) or not self._direct else conn.dup_fd()
         self.host.open_session(self, fd=fd, framing=FRAMING_NATIVE,
                                window_bits=conn.window_bits if conn.deflate else 0)
         self.host.set_paused(self, conn.paused)

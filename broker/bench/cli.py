@@ -59,13 +59,15 @@ def _split_targets(value: str | None, compare: bool) -> list[str]:
 @click.option("--quiet", is_flag=True, help="No progress lines.")
 @click.option("--deflate", is_flag=True,
               help="Receivers offer permessage-deflate (client_max_window_bits), as browsers do.")
+@click.option("--publish-over", type=click.Choice(["http", "stream"]), default="http", show_default=True,
+              help="How the broker's publisher sends: one POST per publication, or the backend stream.")
 @click.option("--serve-arg", "serve_args", multiple=True, metavar="ARG",
               help="Extra flag for a spawned broker (repeatable), e.g. --serve-arg=--flush-max-window=0.")
 def bench(workloads: tuple[str, ...], connections: int | None, rate: float | None, duration: float | None,
           workers: int, concurrency: int, http_conns: int | None, url: str | None, http_url: str | None,
           pid: int | None, api_key: str | None, jwt_secret: str | None, spawn: bool, shards: int, compare: bool,
           targets_opt: str | None, drain_timeout: float, log_dir: str | None, json_path: str | None,
-          quiet: bool, deflate: bool, serve_args: tuple[str, ...]) -> None:
+          quiet: bool, deflate: bool, serve_args: tuple[str, ...], publish_over: str) -> None:
     """Load a broker (and, with --compare, the baselines) with thousands of
     WebSocket connections; print a table and the broker/baseline ratios.
 
@@ -89,7 +91,7 @@ def bench(workloads: tuple[str, ...], connections: int | None, rate: float | Non
         workers=workers, concurrency=concurrency, http_conns=http_conns, url=url, http_url=http_url, pid=pid,
         api_key=api_key, jwt_secret=jwt_secret, spawn=spawn, shards=shards, drain_timeout=drain_timeout,
         log_dir=log_dir, json_path=json_path, progress=None if quiet else sys.stderr,
-        deflate=deflate, serve_args=list(serve_args),
+        deflate=deflate, serve_args=list(serve_args), publish_over=publish_over,
     )
     sys.exit(code)
 

@@ -50,7 +50,7 @@ def run_bench(*, workloads: list[str], targets: list[str], connections: int | No
               api_key: str | None = None, jwt_secret: str | None = None, spawn: bool = False, shards: int = 1,
               drain_timeout: float = 10.0, log_dir: str | None = None, json_path: str | None = None,
               progress: TextIO | None = sys.stderr, out: TextIO | None = None, deflate: bool = False,
-              serve_args: list[str] | None = None) -> int:
+              serve_args: list[str] | None = None, publish_over: str = "http") -> int:
     """Run, print, write; returns the exit code (1 when a run failed outright).
 
     With ``spawn``, a missing API key or JWT secret is generated for the run."""
@@ -60,7 +60,8 @@ def run_bench(*, workloads: list[str], targets: list[str], connections: int | No
         jwt_secret = jwt_secret or secrets.token_hex(16)
     jwt_secret = jwt_secret or secrets.token_hex(16)   # the baselines accept any token
     opts = RunOptions(workers=workers, api_key=api_key, jwt_secret=jwt_secret, concurrency=concurrency,
-                      http_conns=http_conns, drain_timeout=drain_timeout, progress=progress, deflate=deflate)
+                      http_conns=http_conns, drain_timeout=drain_timeout, progress=progress, deflate=deflate,
+                      publish_over=publish_over)
     results: list[dict[str, Any]] = []
     plan = [workload(name, connections, rate, duration) for name in workloads]
     failed = False

@@ -105,6 +105,7 @@ class RunOptions:
     drain_timeout: float = 10.0
     progress: TextIO | None = sys.stderr
     deflate: bool = False              # receivers offer permessage-deflate, as browsers do
+    publish_over: str = "http"         # "stream": the broker's backend stream (GET /api/stream)
 
 
 class _Progress:
@@ -269,7 +270,10 @@ def run_workload(target: Target, w: Workload, opts: RunOptions) -> dict[str, Any
             host, port = _http_parts(target.http_url)
             workers.publisher = workers.start(
                 publisher_main, {"http_host": host, "http_port": port, "api_key": opts.api_key,
-                                 "streams": streams, "budget": budget}, n_workers)
+                                 "streams": streams, "budget": budget,
+                                 # the baselines have no backend stream: they keep HTTP
+                                 "publish_over": opts.publish_over if target.name == "broker" else "http"},
+                n_workers)
         for _, pipe in workers.all:
             workers.pids.append(_expect(pipe, "ready", 60))
 

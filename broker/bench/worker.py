@@ -116,7 +116,8 @@ class Receiver(WSListener):  # type: ignore[misc]
 
     __slots__ = ("channel", "prefix", "plen", "start", "last", "received", "duplicates", "gaps",
                  "missing", "latencies", "ready", "transport", "close_code", "errors", "unsubscribed",
-                 "reconnects", "early", "_fragments", "_sub_command", "_loop")
+                 "reconnects", "early", "_fragments", "_sub_command", "_loop",
+                 "epoch", "after_ms", "recovering", "reopen", "reconnect_delays", "_lost_ns")
 
     def __init__(self, channel: str | None, latencies: array, ready: "asyncio.Future[None] | None" = None) -> None:
         self.channel = channel
@@ -138,14 +139,29 @@ class Receiver(WSListener):  # type: ignore[misc]
         self.early = 0
         self._fragments: list[bytes] | None = None
         self._sub_command = (b'{"id":1,"op":"subscribe","channel":"%s"}' % channel.encode()) if channel else b""
+        # Following the broker's {"op":"reconnect"} (a deploy's paced migration):
+        self.epoch: str | None = None
+        self.after_ms: int | None = None          # set by a reconnect op, used at the close
+        self.recovering = False
+        self.reopen: Any = None                   # reopen(receiver, after_ms): set by the worker
+        self.reconnect_delays: list[int] = []     # ns from the close to the recovered subscribe
+        self._lost_ns = 0
 
     # picows callbacks ------------------------------------------------------------
     def on_ws_connected(self, transport: Any) -> None:
         self.transport = transport
-        if self.channel:
+        self.close_code = None
+        if self.channel and self.epoch is not None:  # a reconnection: recover what was missed
+            self.recovering = True
+            transport.send(WSMsgType.TEXT, self.recover_command())
+        elif self.channel:
             transport.send(WSMsgType.TEXT, self._sub_command)
         else:
             self._resolve(None)
+
+    def recover_command(self) -> bytes:
+        return json.dumps({"id": 2, "op": "subscribe", "channel": self.channel,
+                           "recover": {"epoch": self.epoch, "offset": self.last}}).encode()
 
     def on_ws_frame(self, transport: Any, frame: Any) -> None:
         msg_type = frame.msg_type
@@ -174,6 +190,15 @@ class Receiver(WSListener):  # type: ignore[misc]
         if self.close_code is None:
             self.close_code = 1006
         self._resolve(ConnectionError(f"disconnected ({self.close_code})"))
+        self.disconnected(_monotonic_ns())
+
+    def disconnected(self, now_ns: int) -> None:
+        """After a reconnect op, come back (as the Python Client does) once
+        ``after_ms`` has passed; the worker's ``reopen`` adds jitter and retries."""
+        after, self.after_ms = self.after_ms, None
+        if after is not None and self.reopen is not None and self.epoch is not None:
+            self._lost_ns = now_ns
+            self.reopen(self, after)
 
     # pure part ---------------------------------------------------------------------
     def feed(self, payload: bytes, now_ns: int) -> None:
@@ -232,7 +257,13 @@ class Receiver(WSListener):  # type: ignore[misc]
             data = msg.get("data")
             if isinstance(data, dict) and isinstance(data.get("ts"), int):
                 self.latencies.append(now_ns - data["ts"])
+        elif op == "subscribed" and msg.get("channel") == self.channel and self.recovering:
+            self.recovering = False
+            self.reconnect_delays.append(now_ns - self._lost_ns)
+            if msg.get("recovered") is not True or msg.get("epoch") != self.epoch:
+                self.errors.append(f"not recovered after a reconnect: {msg}")
         elif op == "subscribed" and msg.get("channel") == self.channel:
+            self.epoch = msg.get("epoch")
             self.start = self.last = int(msg.get("offset", 0))
             self.prefix = b'{"op":"pub","channel":"%s","offset":' % self.channel.encode()  # type: ignore[union-attr]
             self.plen = len(self.prefix)
@@ -245,6 +276,8 @@ class Receiver(WSListener):  # type: ignore[misc]
             self.errors.append(f"unsubscribed: {msg.get('reason')}")
         elif op == "reconnect":
             self.reconnects += 1
+            after_ms = msg.get("after_ms")
+            self.after_ms = int(after_ms) if isinstance(after_ms, (int, float)) else 0
         # pong and anything else: ignored
 
     def _resolve(self, exc: BaseException | None) -> None:
@@ -262,7 +295,8 @@ class Receiver(WSListener):  # type: ignore[misc]
             expected = max(0, final - self.start)
         return {"expected": expected, "received": self.received, "duplicates": self.duplicates,
                 "gaps": self.gaps, "missing": self.missing, "unsubscribed": self.unsubscribed,
-                "reconnects": self.reconnects, "early": self.early}
+                "reconnects": self.reconnects, "reconnected": len(self.reconnect_delays),
+                "early": self.early}
 
 
 class SocketIOReceiver(Receiver):
@@ -483,8 +517,23 @@ async def _connect_all(ws_connect: Any, ws_url: str, spec: dict[str, Any], indic
                 if receiver.transport is not None:
                     receiver.transport.disconnect(False)
                 return
+            receiver.reopen = lambda r, after_ms, url=url: reopen(r, after_ms, url)
             receivers.append(receiver)
             state["connected"] += 1
+
+    def reopen(receiver: Receiver, after_ms: int, url: str) -> None:
+        # About after_ms plus jitter, then up to 8 attempts with backoff.
+        async def again() -> None:
+            await asyncio.sleep(after_ms / 1000 + random.uniform(0, max(0.05, after_ms / 4000)))
+            for attempt in range(8):
+                try:
+                    await ws_connect(lambda: receiver, url, websocket_handshake_timeout=15,
+                                     read_buffer_init_size=4096)
+                    return
+                except Exception as exc:  # noqa: BLE001 - counted, retried
+                    errors[f"reconnect {type(exc).__name__}: {str(exc)[:60]}"] += 1
+                    await asyncio.sleep(min(2.0, 0.05 * 2 ** attempt))
+        loop.create_task(again())
 
     await asyncio.gather(*(one(i) for i in indices))
 
@@ -583,6 +632,45 @@ class _HttpConnection(asyncio.Protocol):
         return self.waiter
 
 
+class _BackendStream(WSListener):  # type: ignore[misc]
+    """The broker's backend stream (``GET /api/stream``) as a publisher's
+    connection: one command in flight, like a keep-alive HTTP connection,
+    so the two ways of publishing are compared at the same concurrency."""
+
+    def __init__(self) -> None:
+        self.transport: Any = None
+        self.waiter: asyncio.Future[tuple[int, bytes]] | None = None
+        self.closed = False
+
+    def on_ws_connected(self, transport: Any) -> None:
+        self.transport = transport
+
+    def on_ws_frame(self, transport: Any, frame: Any) -> None:
+        if frame.msg_type is WSMsgType.CLOSE:
+            self.closed = True
+            transport.disconnect()
+            return
+        if frame.msg_type is not WSMsgType.TEXT:
+            return
+        payload = frame.get_payload_as_bytes()
+        # a "published" reply answers like a 200 from /api/publish
+        status = 200 if b'"op":"published"' in payload else 503
+        waiter, self.waiter = self.waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result((status, payload))
+
+    def on_ws_disconnected(self, transport: Any) -> None:
+        self.closed = True
+        waiter, self.waiter = self.waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(ConnectionError("backend stream closed"))
+
+    def request(self, body: bytes) -> "asyncio.Future[tuple[int, bytes]]":
+        self.waiter = asyncio.get_running_loop().create_future()
+        self.transport.send(WSMsgType.TEXT, b'{"op":"publish",' + body[1:])
+        return self.waiter
+
+
 class _Stream:
     """One publication schedule: ``total`` publications at ``rate`` per second."""
 
@@ -619,12 +707,20 @@ async def _publisher(conn: Any, progress: Any, base: int, params: dict[str, Any]
             progress[base + SLOT_PUB_FAILED] = state["failed"]
             await asyncio.sleep(0.25)
 
-    async def connect() -> _HttpConnection:
+    over_stream = params.get("publish_over") == "stream"
+
+    async def connect() -> Any:
+        if over_stream:
+            from picows import ws_connect
+
+            _, listener = await ws_connect(_BackendStream, f"ws://{host}:{port}/api/stream",
+                                           extra_headers={"Authorization": f"apikey {api_key}"})
+            return listener
         _, proto = await loop.create_connection(_HttpConnection, host, port)
         return proto
 
     async def run_conn(stream: _Stream, t0: float, deadline: float) -> None:
-        client: _HttpConnection | None = None
+        client: Any = None
         while stream.next < stream.total and time.monotonic() < deadline:
             seq = stream.next
             stream.next += 1
@@ -636,12 +732,16 @@ async def _publisher(conn: Any, progress: Any, base: int, params: dict[str, Any]
                 if client is None or client.closed:
                     client = await asyncio.wait_for(connect(), 10)
                 body = publication_body(channel, seq, _monotonic_ns())
-                status, reply = await asyncio.wait_for(client.request(head % len(body) + body), 10)
+                request = body if over_stream else head % len(body) + body
+                status, reply = await asyncio.wait_for(client.request(request), 10)
             except Exception as exc:  # noqa: BLE001 - counted
                 state["failed"] += 1
                 statuses[type(exc).__name__] += 1
                 if client is not None and client.transport is not None:
-                    client.transport.abort()
+                    if over_stream:
+                        client.transport.disconnect(False)
+                    else:
+                        client.transport.abort()
                 client = None
                 await asyncio.sleep(0.05)
                 continue
@@ -658,7 +758,11 @@ async def _publisher(conn: Any, progress: Any, base: int, params: dict[str, Any]
                 state["failed"] += 1
                 statuses[f"{status} {reply[:60].decode('utf-8', 'replace')}"] += 1
         if client is not None and client.transport is not None:
-            client.transport.close()
+            if over_stream:
+                client.transport.send_close()
+                client.transport.disconnect()
+            else:
+                client.transport.close()
 
     ticker = loop.create_task(publish_progress())
     conn.send(("ready", os.getpid()))

@@ -89,6 +89,13 @@ class Engine(abc.ABC):
         when this engine does not track presence (only the Redis engine does)."""
         return None
 
+    def rebound(self) -> int:
+        """Apply reloaded history sizes and TTLs to existing channels."""
+        return 0
+
+    def fence(self, fenced: bool = True) -> None:
+        """Stop (or resume) writing channel state: a deploy hands it over."""
+
     def stats(self) -> dict[str, int]:
         return {}
 

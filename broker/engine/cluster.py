@@ -174,6 +174,21 @@ class ClusterEngine(Engine):
         swept = self.local.sweep(lambda channel: is_active(channel) or router.followed(channel))
         return swept + self.streams.sweep(is_active)
 
+    def rebound(self) -> int:
+        return self.local.rebound()
+
+    def delivered(self, channel: str) -> Position | None:
+        """Where this shard's copy of ``channel`` stands (the last offset
+        delivered here), or None when it does not follow it."""
+        if self.home(channel) == self.id:
+            state = self.local._channels.get(channel)
+            return None if state is None else Position(state.epoch, state.window.last_offset)
+        cursor = self._cursors.get(channel)
+        return Position(cursor.epoch, cursor.offset) if cursor is not None and cursor.state == LIVE else None
+
+    def fence(self, fenced: bool = True) -> None:
+        self.local.fence(fenced)
+
     def stats(self) -> dict[str, int]:
         return {**self.local.stats(), **self.streams.stats(),
                 "zmq_hwm_drops": self.router.hwm_drops,

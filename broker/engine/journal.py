@@ -40,7 +40,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
-__all__ = ["Journal", "ChannelLog", "JournalError", "FORMAT_VERSION"]
+__all__ = ["Journal", "ChannelLog", "JournalError", "FORMAT_VERSION", "read_journal"]
 
 log = logging.getLogger("broker.journal")
 
@@ -492,3 +492,17 @@ def _replay(buf: bytes, keep: Callable[[str], int] | None) -> tuple[dict[str, li
         log.warning("journal: %d publication(s) did not continue their channel's state "
                     "(first: %s); history restarted there", anomalies, first_anomaly)
     return states, pos, reason
+
+
+def read_journal(path: str) -> dict[str, ChannelLog]:
+    """Every channel a journal holds, read without taking its writer's lock
+    and without repairing it (a deploy's new generation reads the fenced old
+    generation's journals this way). A torn tail is ignored."""
+    with open(path, "rb") as fh:
+        buf = fh.read()
+    if len(buf) < len(_FILE_HEADER):
+        return {}
+    if buf[:4] != _FILE_MAGIC or struct.unpack_from("<I", buf, 4)[0] != FORMAT_VERSION:
+        raise JournalError(f"{path} is not a broker journal of format {FORMAT_VERSION}")
+    states, _good, _reason = _replay(buf, None)
+    return {name: ChannelLog(name, st[0], st[1], list(st[2])) for name, st in states.items()}

@@ -90,6 +90,8 @@ class MemoryEngine(Engine):
             self._channels[channel] = state
         return state
 
+    fenced = False
+
     def _new_epoch(self, channel: str) -> str:
         """The epoch of a new state: the same as the channel's previous state
         in this process unless that one had publications (see the module doc)."""
@@ -97,6 +99,8 @@ class MemoryEngine(Engine):
 
     def _write(self, method: Callable[..., None], *args: object) -> None:
         """Journal first: what is not written is not acknowledged."""
+        if self.fenced:
+            raise EngineUnavailable("a deploy is handing this channel over: retry shortly")
         if self._journal is None:
             return
         try:
@@ -193,6 +197,33 @@ class MemoryEngine(Engine):
         if self._compaction_due:
             self.compact()
         return len(idle)
+
+    def rebound(self) -> int:
+        """Apply the namespaces' current history size and TTL to the channels
+        that exist (a runtime reload); returns how many windows changed. A new
+        TTL rebuilds the window: its publications' age restarts now."""
+        now = self._clock()
+        changed = 0
+        for name, state in self._channels.items():
+            size, ttl = self._bounds(name)
+            window = state.window
+            if window.max_age != ttl:
+                kept = window.since(0, now)[-size:] if size else []
+                fresh = HistoryWindow(size, ttl, window.last_offset - len(kept))
+                for offset, data in kept:
+                    fresh.append(offset, data, now)
+                state.window = fresh
+            elif window.max_count != size:
+                window.resize(size)
+            else:
+                continue
+            changed += 1
+        return changed
+
+    def fence(self, fenced: bool = True) -> None:
+        """While fenced (a deploy hands this state over), nothing is written:
+        publications and new channels answer EngineUnavailable (503)."""
+        self.fenced = fenced
 
     def stats(self) -> dict[str, int]:
         return {"channels": len(self._channels),

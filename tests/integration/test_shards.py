@@ -279,7 +279,7 @@ def test_the_same_routing_works_over_tcp(broker_factory, tmp_path):
         for channel, reply in sub.replies.items():
             assert sub.offsets[channel] == list(range(reply["offset"] + 1, len(acked.get(channel, [])) + 1))
     run_dir = open(broker.log_path).read().split("run dir ")[1].split()[0]
-    with open(f"{run_dir}/cluster.json") as fh:
+    with open(f"{run_dir}/gen-1/cluster.json") as fh:
         assert json.load(fh)["endpoints"]["pub"][0].startswith("tcp://127.0.0.1:")
 
 

@@ -174,12 +174,8 @@ class SocketIOEndpoint:
         session; what is returned here is only written when that fails."""
         if self.handoff is not None and request.connection is not None:
             if self.handoff.send(shard, request.connection, request):
-                return _HANDED_OFF
+                return Response(204)   # never written: the connection went to ``shard``
         return _engine_error(eio.UNKNOWN_SID)
-
-
-#: the answer to a request whose connection went to another shard: never written
-_HANDED_OFF = Response(204)
 
 
 class WireHandler:
