@@ -136,8 +136,8 @@ class SocketIOEndpoint:
             for effect in session.engine.on_probe_open(self.host.loop.time()):
                 if isinstance(effect, eio.Reply):
                     return _http(effect.response)
-        return SocketIOAccepted(accepted.response, accepted.identity, accepted.deflate,
-                                accepted.window_bits, session)
+        fields = {name: getattr(accepted, name) for name in accepted.__dataclass_fields__}
+        return SocketIOAccepted(**fields, session=session)
 
     def open(self, conn: "Connection", accepted: Accepted) -> "WireHandler":
         session = getattr(accepted, "session", None)
