@@ -23,15 +23,6 @@ def test_batch_frame_2k(benchmark, frames):
     assert frame[2 + 2:] == BATCH[:-1]
 
 
-PACKETS = BATCH.replace(b"\n", b"\x1e")  # the same ~2 KB as Engine.IO packets (Socket.IO over WebSocket)
-
-
-def test_packet_frames_2k(benchmark, frames):
-    """One text frame per packet: compare with test_batch_frame_2k (one frame)."""
-    out = benchmark(frames.packet_frames, PACKETS)
-    assert out.count(b"\x81") >= PACKETS.count(b"\x1e")
-
-
 def test_deflater_compress_2k(benchmark, frames):
     deflater = frames.Deflater()
     out = benchmark(deflater.compress, BATCH[:-1])

@@ -181,6 +181,26 @@ class Connection(asyncio.Protocol):
         sock = self.transport.get_extra_info("socket") if self.transport is not None else None
         return os.dup(sock.fileno()) if sock is not None else -1
 
+    def detach(self) -> socket.socket | None:
+        """Give this TCP connection up to another process (a request for a
+        session that lives there): a dup of its socket for the caller to
+        send on, and close, while this side lets go without a FIN or RST (a
+        closed fd whose socket has another reference does not end it).
+        None where it cannot move: TLS (its state is in this process), an
+        upgraded connection, no socket."""
+        transport = self.transport
+        sock = transport.get_extra_info("socket") if transport is not None else None
+        if sock is None or self.ws is not None or is_tls(transport):
+            return None
+        moved = sock.dup()
+        transport.pause_reading()
+        self.transport = None
+        self.parser = None
+        self._work.clear()
+        self._cancel_timer()
+        transport.abort()
+        return moved
+
     def data_received(self, data: bytes) -> None:
         if self.ws is not None:
             self.last_received = self.host.loop.time()  # any frame counts as alive
@@ -284,7 +304,7 @@ class Connection(asyncio.Protocol):
         method = self.parser.get_method().decode() if self.parser else "GET"
         peer = self.transport.get_extra_info("peername") if self.transport is not None else None
         return Request(method, path, query, self._headers, b"".join(self._body), keep_alive,
-                       peer[0] if peer else "")
+                       peer[0] if peer else "", self)
 
     # One queue of work per connection (HTTP requests, WebSocket messages):
     # handled strictly in order, each eagerly; only work that suspends (a

@@ -20,6 +20,18 @@ class Request:
     body: bytes = b""
     keep_alive: bool = True
     peer: str = ""                                          # the client's IP address
+    connection: Any = None   # the Connection it came on (a handler may pass it on: detach())
+
+    def encode(self) -> bytes:
+        """The request as HTTP/1.1 bytes again (to pass it, with its socket,
+        to another process); a chunked body is sent with its length."""
+        target = f"{self.path}?{self.query_string}" if self.query_string else self.path
+        lines = [f"{self.method} {target} HTTP/1.1"]
+        lines += [f"{name}: {value}" for name, value in self.headers.items()
+                  if name not in ("content-length", "transfer-encoding")]
+        if self.body or self.method in ("POST", "PUT", "PATCH"):
+            lines.append(f"content-length: {len(self.body)}")
+        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + self.body
 
     def query(self) -> dict[str, str]:
         return {k: v[-1] for k, v in parse_qs(self.query_string, keep_blank_values=True).items()}

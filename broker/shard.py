@@ -2,7 +2,7 @@
 outbound buffers, and the fan-out of publications to them.
 
 The shard deals with sessions through ``broker.adapters.session``: an
-adapter (the native protocol today) parses its clients' messages and calls
+adapter (native, Socket.IO) parses its clients' messages and calls
 ``subscribe`` / ``unsubscribe`` / ``client_publish`` here; the shard tells a
 session only what happened to it (a stream lost, a reconnect request, a
 close). Connections reach the shard through ``ConnectionHost``: plain HTTP
@@ -31,6 +31,7 @@ from . import api
 from ._fastpath import FRAMING_NATIVE, OutboundTable, SubscriptionTable
 from .adapters.native.session import NativeEndpoint
 from .adapters.session import Adapter, Session, Subscribed
+from .adapters.socketio.session import PATH as SOCKETIO_PATH, SocketIOEndpoint
 from .adapters.stream.session import StreamEndpoint
 from .channels import check_client_publish, check_subscribe
 from .config import Config
@@ -76,6 +77,7 @@ class Shard:
         self.endpoints: dict[str, WebSocketEndpoint] = {
             "/ws": NativeEndpoint(self),
             "/api/stream": StreamEndpoint(self),
+            SOCKETIO_PATH: SocketIOEndpoint(self),
         }
         self.draining = False
         self.retired = False                    # a deploy's newer generation took over
@@ -105,8 +107,11 @@ class Shard:
 
     async def handle_http(self, request: Request) -> Response:
         self.http_requests += 1
+        # An endpoint that also answers plain HTTP (Socket.IO's long-polling)
+        # takes its path; everything else is the API's.
+        handler = getattr(self.endpoints.get(request.path), "handle_http", None)
         try:
-            response = await api.handle(self, request)
+            response = await (handler(request) if handler is not None else api.handle(self, request))
         except BaseException:
             self.http_errors += 1
             raise

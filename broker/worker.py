@@ -16,6 +16,8 @@ import socket
 import sys
 from typing import Any
 
+from .adapters.socketio.handoff import Handoff
+from .adapters.socketio.session import PATH as SOCKETIO_PATH
 from .config import Config
 from .engine.base import Engine
 from .engine.cluster import ClusterEngine
@@ -133,6 +135,8 @@ def _run(shard_id_int: int, shards: int, parent: int, run_dir: str, spec: dict[s
         shard.attach_router(router)
         if isinstance(engine, RedisEngine):
             engine.local_presence = shard_presence(shard)
+        # Socket.IO: a request for a session on another shard is passed to it.
+        shard.endpoints[SOCKETIO_PATH].handoff = Handoff(run_dir, shard_id_int, loop, shard.protocol_factory)
         shard.admin_endpoint = spec.get("admin") or None
         operations = ShardOperations(shard, run_dir, router.tell_supervisor, spec.get("config_version", 0))
         follow_shard = router.on_status

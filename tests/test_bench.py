@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from broker.bench import stats
 from broker.bench.cli import bench
 from broker.bench.runner import WORKLOADS, workload
-from broker.bench.worker import FANOUT_CHANNEL, Receiver, channel_of, publication_body
+from broker.bench.worker import FANOUT_CHANNEL, Receiver, SocketIOReceiver, channel_of, publication_body
 
 # -- percentiles -------------------------------------------------------------------------
 
@@ -139,6 +139,46 @@ def test_receiver_pub_before_subscribed_is_not_counted():
     r = Receiver("bill:1", array("q"))
     r.feed(_pub("bill:1", 1, 0), 1)
     assert r.received == 0 and r.early == 1
+
+
+class _Sent:
+    """A picows transport stand-in that records what a receiver sends."""
+
+    def __init__(self) -> None:
+        self.sent: list[bytes] = []
+
+    def send(self, _msg_type: object, data: bytes) -> None:
+        self.sent.append(data)
+
+
+def test_socketio_receiver_connects_subscribes_pongs_and_counts_pub_packets():
+    lat = array("q")
+    r = SocketIOReceiver("bill:1", lat, token="jwt")
+    r.transport = transport = _Sent()
+    r.feed(b'0{"sid":"0.aaaaaaaaaaaaaaaaaaaa","upgrades":[],"pingInterval":25000,"pingTimeout":20000}', 0)
+    r.feed(b'40{"sid":"x"}', 0)
+    r.feed(b'42["pub",{"channel":"bill:1","offset":3,"data":{"ts":0}}]', 0)   # before the ack: early
+    r.feed(b'430[{"ok":true,"epoch":"e","offset":3}]', 0)
+    r.feed(b"2", 0)
+    r.feed(b'42["pub",{"channel":"bill:1","offset":4,"data":{"ts":1000,"x":1}}]', 1500)
+    r.feed(b'42["pub",{"channel":"bill:1","offset":6,"data":{"ts":1000,"x":1}}]', 1600)
+    assert transport.sent == [b'40{"token": "jwt"}', b'420["subscribe",{"channel":"bill:1"}]', b"3"]
+    assert (r.start, r.last, r.received, r.gaps, r.missing, r.early) == (3, 6, 2, 1, 1, 1)
+    assert list(lat) == [500, 600]
+
+
+def test_socketio_receiver_refused_ack_fails_ready():
+    import asyncio
+
+    loop = asyncio.new_event_loop()
+    try:
+        ready = loop.create_future()
+        r = SocketIOReceiver("user:1", array("q"), ready)
+        r.transport = _Sent()
+        r.feed(b'430[{"ok":false,"code":403,"message":"not yours"}]', 0)
+        assert ready.done() and "403" in str(ready.exception())
+    finally:
+        loop.close()
 
 
 def test_receiver_error_reply_fails_ready():

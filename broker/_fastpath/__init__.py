@@ -29,7 +29,6 @@ __all__ = [
     "frame_header",
     "text_frame",
     "ndjson_batch",
-    "packet_frames",
     "SharedFrames",
     "SubscriptionTable",
     "HistoryWindow",
@@ -88,7 +87,6 @@ Deflater = _modules["frames"].Deflater
 frame_header = _modules["frames"].frame_header
 text_frame = _modules["frames"].text_frame
 ndjson_batch = _modules["frames"].ndjson_batch
-packet_frames = _modules["frames"].packet_frames
 SharedFrames = _modules["frames"].SharedFrames
 SubscriptionTable = _modules["subtable"].SubscriptionTable
 HistoryWindow = _modules["history"].HistoryWindow

@@ -17,9 +17,6 @@ Choices where the contract is silent (same in the twin):
   is allowed.
 - ``batch_frame``: ValueError when ``pending`` is empty or does not end
   with ``\\n``.
-- ``packet_frames``: ValueError when ``pending`` is empty or does not end
-  with ``\\x1e``; an empty packet (two separators in a row) is framed as
-  an empty text frame.
 - ``Deflater(level, window_bits)``: level -1..9, window_bits 8..15; zlib
   cannot make raw deflate streams with an 8-bit window, so 8 means 9
   (``.window_bits`` reports 9). The 512-byte window is what an 8-bit
@@ -51,7 +48,7 @@ from operator import index as _index
 
 __all__ = [
     "OP_CONT", "OP_TEXT", "OP_BINARY", "OP_CLOSE", "OP_PING", "OP_PONG",
-    "frame_header", "text_frame", "ndjson_batch", "batch_frame", "packet_frames",
+    "frame_header", "text_frame", "ndjson_batch", "batch_frame",
     "Deflater", "SharedFrames",
 ]
 
@@ -191,47 +188,6 @@ def batch_frame(pending):
     finally:
         PyBuffer_Release(&view)
 
-
-cdef bytes _packet_frames(const char* p, Py_ssize_t n):
-    """One text frame per \\x1e-terminated packet, in one allocation."""
-    cdef Py_ssize_t total = 0, start = 0, end, size
-    cdef const char* sep
-    cdef bytes out
-    cdef char* w
-    if n == 0 or p[n - 1] != 0x1e:
-        raise ValueError("pending must be non-empty and end with the record separator \\x1e")
-    while start < n:   # pass 1: the size of every frame
-        sep = <const char*>memchr(p + start, 0x1e, <size_t>(n - start))
-        end = sep - p
-        size = end - start
-        total += _header_size(size) + size
-        start = end + 1
-    out = PyBytes_FromStringAndSize(NULL, total)
-    w = PyBytes_AS_STRING(out)
-    start = 0
-    while start < n:   # pass 2: header, then payload
-        sep = <const char*>memchr(p + start, 0x1e, <size_t>(n - start))
-        end = sep - p
-        size = end - start
-        w += _write_header(<unsigned char*>w, <unsigned long long>size, _OP_TEXT, True, False)
-        if size:
-            memcpy(w, p + start, <size_t>size)
-            w += size
-        start = end + 1
-    return out
-
-
-def packet_frames(pending):
-    """Engine.IO over WebSocket: ``pending`` holds packets each followed by
-    ``\\x1e``; returns one text frame per packet, concatenated for one write."""
-    cdef Py_buffer view
-    if type(pending) is bytes:
-        return _packet_frames(PyBytes_AS_STRING(pending), PyBytes_GET_SIZE(pending))
-    PyObject_GetBuffer(pending, &view, PyBUF_SIMPLE)
-    try:
-        return _packet_frames(<const char*>view.buf, view.len)
-    finally:
-        PyBuffer_Release(&view)
 
 
 @cython.final

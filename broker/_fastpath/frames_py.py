@@ -14,7 +14,7 @@ from collections.abc import Iterable
 
 __all__ = [
     "OP_CONT", "OP_TEXT", "OP_BINARY", "OP_CLOSE", "OP_PING", "OP_PONG",
-    "frame_header", "text_frame", "ndjson_batch", "batch_frame", "packet_frames",
+    "frame_header", "text_frame", "ndjson_batch", "batch_frame",
     "Deflater", "SharedFrames",
 ]
 
@@ -95,16 +95,6 @@ def batch_frame(pending: Buffer) -> bytes:
     pending = _as_bytes(pending)
     _check_pending(pending)
     return _header(len(pending) - 1, OP_TEXT, True, False) + pending[:-1]
-
-
-def packet_frames(pending: Buffer) -> bytes:
-    """Engine.IO over WebSocket: ``pending`` holds packets each followed by
-    ``\\x1e``; returns one text frame per packet, concatenated for one write."""
-    pending = _as_bytes(pending)
-    if not pending.endswith(b"\x1e"):
-        raise ValueError("pending must be non-empty and end with the record separator \\x1e")
-    return b"".join(_header(len(packet), OP_TEXT, True, False) + packet
-                    for packet in pending[:-1].split(b"\x1e"))
 
 
 def _stored(payload: bytes) -> bytes:

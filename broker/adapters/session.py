@@ -115,6 +115,7 @@ class SessionHost(Protocol):
     config: Config
     loop: asyncio.AbstractEventLoop
     bad_commands: int
+    id: int                       # the shard's id (Socket.IO session ids name their owner)
 
     def open_session(self, session: Session, fd: int = -1, framing: int = 0,
                      window_bits: int = 0) -> None:
@@ -145,6 +146,10 @@ class SessionHost(Protocol):
     def take_frames(self, session: Session) -> bytes:
         """Everything queued for ``session`` as its framing writes it
         (WebSocket frames, compressed where negotiated); empties it."""
+        ...
+
+    def pending_bytes(self, session: Session) -> int:
+        """Bytes queued for ``session`` and not yet written."""
         ...
 
     def take_payload(self, session: Session, sep: bytes = b"\x1e") -> bytes:

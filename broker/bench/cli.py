@@ -12,12 +12,13 @@ import click
 __all__ = ["bench"]
 
 WORKLOAD_NAMES = ("w1-1k", "w1-5k", "w2", "w3", "mixed")
-TARGET_NAMES = ("broker", "picows", "websockets")
+TARGET_NAMES = ("broker", "picows", "websockets", "broker-socketio", "socketio-node")
+COMPARE_NAMES = ("broker", "picows", "websockets")   # --compare without --targets
 
 
 def _split_targets(value: str | None, compare: bool) -> list[str]:
     if value is None:
-        return list(TARGET_NAMES) if compare else ["broker"]
+        return list(COMPARE_NAMES) if compare else ["broker"]
     names = [v.strip() for v in value.split(",") if v.strip()]
     bad = [n for n in names if n not in TARGET_NAMES]
     if bad or not names:
@@ -49,7 +50,9 @@ def _split_targets(value: str | None, compare: bool) -> list[str]:
 @click.option("--compare", is_flag=True,
               help="Also run the baselines (picows, websockets) under the same load; print ratios.")
 @click.option("--targets", "targets_opt", metavar="LIST",
-              help="Comma-separated targets to run: broker,picows,websockets [broker; all three with --compare].")
+              help="Comma-separated targets to run: broker,picows,websockets,broker-socketio (the broker through "
+                   "its Socket.IO endpoint),socketio-node (the Node socket.io server; needs node) "
+                   "[broker; the first three with --compare].")
 @click.option("--drain-timeout", type=click.FloatRange(min=0.5), default=10.0, show_default=True,
               help="Max wait for in-flight deliveries after the last publication.")
 @click.option("--log-dir", type=click.Path(file_okay=False), help="Write spawned servers' logs here.")

@@ -12,7 +12,9 @@ from typing import Any, TextIO
 
 from . import stats
 from .runner import RunOptions, report_document, run_workload, workload, workload_dict
-from .targets import Target, attach, spawn_baseline, spawn_broker
+from .targets import Target, attach, socketio_url, spawn_baseline, spawn_broker
+
+SOCKETIO_TARGETS = ("broker-socketio", "socketio-node")
 
 __all__ = ["run_bench"]
 
@@ -28,13 +30,18 @@ def _start(name: str, workload_name: str, *, spawn: bool, url: str | None, http_
            api_key: str | None, jwt_secret: str | None, shards: int, log_dir: str | None,
            serve_args: list[str] | None = None) -> Target:
     log = _log_path(log_dir, name, workload_name)
-    if name == "broker":
+    if name in ("broker", "broker-socketio"):
         if spawn:
             assert api_key is not None and jwt_secret is not None, "run_bench makes them up when it spawns"
-            return spawn_broker(shards=shards, api_key=api_key, jwt_secret=jwt_secret, log_path=log,
-                                extra=serve_args)
-        assert url is not None
-        return attach(url, http_url, pid)
+            target = spawn_broker(shards=shards, api_key=api_key, jwt_secret=jwt_secret, log_path=log,
+                                  extra=serve_args)
+        else:
+            assert url is not None
+            target = attach(url, http_url, pid)
+        if name == "broker-socketio":   # the same broker, loaded through its Socket.IO endpoint
+            target.name = name
+            target.ws_url = socketio_url(target.http_url)
+        return target
     return spawn_baseline(name, log_path=log)
 
 
@@ -84,9 +91,14 @@ def run_bench(*, workloads: list[str], targets: list[str], connections: int | No
             results.append(record)
             time.sleep(0.5)   # let sockets in TIME_WAIT and the CPU settle between runs
     out.write("\n" + stats.format_table(results) + "\n")
-    rows = stats.ratios(results)
+    rows = [r for r in stats.ratios(results) if r["baseline"] not in SOCKETIO_TARGETS]
     if rows:
         out.write("\nratios broker / baseline (same load, same run):\n" + stats.format_ratios(rows) + "\n")
+    # Socket.IO: the broker's endpoint against its native one and the Node server.
+    rows = [r for r in stats.ratios(results, "broker-socketio") if r["baseline"] in ("broker", "socketio-node")]
+    if rows:
+        out.write("\nratios broker-socketio / baseline (same load, same run):\n"
+                  + stats.format_ratios(rows, "broker-socketio") + "\n")
     notes = [f"  {r['target']} {r['workload']}: {e}" for r in results for e in r["errors"]]
     if notes:
         out.write("\nnotes:\n" + "\n".join(notes) + "\n")

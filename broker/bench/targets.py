@@ -7,8 +7,8 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import tempfile
 import sys
+import tempfile
 import threading
 import time
 import urllib.error
@@ -22,9 +22,17 @@ import psutil
 
 from broker.testing import BrokerProcess, free_port
 
-__all__ = ["Target", "ProcessTree", "spawn_broker", "spawn_baseline", "attach", "BASELINES", "baselines_dir"]
+__all__ = ["Target", "ProcessTree", "spawn_broker", "spawn_baseline", "attach", "BASELINES", "baselines_dir",
+           "SOCKETIO_QUERY", "socketio_url"]
 
-BASELINES = ("picows", "websockets")
+BASELINES = ("picows", "websockets", "socketio-node")
+#: where a Socket.IO client opens a WebSocket session directly (Engine.IO 4)
+SOCKETIO_QUERY = "/socket.io/?EIO=4&transport=websocket"
+
+
+def socketio_url(http_url: str) -> str:
+    """The Engine.IO WebSocket URL of a server at ``http_url``."""
+    return "ws" + http_url[len("http"):] + SOCKETIO_QUERY
 
 
 def baselines_dir() -> Path:
@@ -173,20 +181,33 @@ def spawn_broker(shards: int = 1, api_key: str = "bench-key", jwt_secret: str = 
     return Target("broker", proc.ws_url, proc.url, proc.process.pid, spawned=proc, log_path=log_path)
 
 
+def _npm_ci(folder: Path) -> None:
+    """The Node baseline's packages, installed once from its lockfile."""
+    if (folder / "node_modules").is_dir():
+        return
+    result = subprocess.run(["npm", "ci", "--no-audit", "--no-fund", "--loglevel=error"], cwd=folder,
+                            capture_output=True, text=True, timeout=300)
+    if result.returncode != 0:
+        raise RuntimeError(f"npm ci in {folder} failed: {result.stderr[-500:]}")
+
+
 def spawn_baseline(kind: str, log_path: str | None = None, timeout: float = 20.0) -> Target:
     """Start benchmarks/baselines/<kind>_server.py on free ports (WebSocket
     and HTTP) and wait for its /readyz."""
     if kind not in BASELINES:
         raise ValueError(f"unknown baseline {kind!r} (one of {', '.join(BASELINES)})")
-    script = baselines_dir() / f"{kind}_server.py"
+    node = kind == "socketio-node"
+    script = baselines_dir() / ("socketio_server.js" if node else f"{kind}_server.py")
+    if node:
+        _npm_ci(baselines_dir())
     if not script.exists():
         raise FileNotFoundError(f"{script} not found (run from a source checkout, or set BROKER_BENCH_BASELINES)")
     ws_port, http_port = free_port(), free_port()
     while http_port == ws_port:
         http_port = free_port()
     log = open(log_path, "wb") if log_path else subprocess.DEVNULL
-    proc = subprocess.Popen([sys.executable, str(script), "--host", "127.0.0.1", "--port", str(ws_port),
-                             "--http-port", str(http_port)],
+    proc = subprocess.Popen(["node" if node else sys.executable, str(script), "--host", "127.0.0.1",
+                             "--port", str(ws_port), "--http-port", str(http_port)],
                             stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     http_url = f"http://127.0.0.1:{http_port}"
     deadline = time.monotonic() + timeout
@@ -195,7 +216,8 @@ def spawn_baseline(kind: str, log_path: str | None = None, timeout: float = 20.0
             raise RuntimeError(f"baseline {kind} exited early with {proc.returncode}"
                                + (f" (log: {log_path})" if log_path else ""))
         if _ready(http_url):
-            return Target(kind, f"ws://127.0.0.1:{ws_port}/ws", http_url, proc.pid, spawned=proc, log_path=log_path)
+            ws_url = (socketio_url(f"http://127.0.0.1:{ws_port}") if node else f"ws://127.0.0.1:{ws_port}/ws")
+            return Target(kind, ws_url, http_url, proc.pid, spawned=proc, log_path=log_path)
         time.sleep(0.05)
     proc.kill()
     proc.wait(5)

@@ -171,26 +171,6 @@ def parse_all(data: bytes, count: int) -> list[Frame]:
     return frames
 
 
-def test_packet_frames_frame_each_engine_io_packet(frames):
-    assert frames.packet_frames(b"2\x1e") == b"\x81\x012"
-    assert frames.packet_frames(b"\x1e") == b"\x81\x00"
-    assert frames.packet_frames(b"a\x1e\x1eb\x1e") == b"\x81\x01a\x81\x00\x81\x01b"
-    assert frames.packet_frames(memoryview(b'42["x"]\x1e')) == b'\x81\x0742["x"]'
-    for bad in (b"", b"2", b"2\x1e3", "2\x1e"):
-        with pytest.raises((ValueError, TypeError)):
-            frames.packet_frames(bad)
-    packets = [b"x" * 125, b"y" * 126, b"z" * 70000, b"\n"]
-    parsed = parse_all(frames.packet_frames(b"\x1e".join(packets) + b"\x1e"), len(packets))
-    assert [(f.opcode, f.fin, f.data) for f in parsed] == [(Opcode.TEXT, True, p) for p in packets]
-
-
-@FIXTURE_SETTINGS
-@given(st.lists(st.binary(max_size=300).map(lambda b: b.replace(b"\x1e", b"")), min_size=1, max_size=8))
-def test_packet_frames_match_one_text_frame_per_packet(frames, packets):
-    pending = b"".join(p + b"\x1e" for p in packets)
-    assert frames.packet_frames(pending) == b"".join(frames.text_frame(p) for p in packets)
-
-
 def test_batch_frame_strips_exactly_the_last_newline(frames):
     assert frames.batch_frame(b"a\n") == b"\x81\x01a"
     assert frames.batch_frame(b"\n") == b"\x81\x00"

@@ -21,7 +21,6 @@ from typing import Any
 
 from aiohttp import WSMsgType, web
 
-from broker._fastpath import RingBuffer
 from broker.adapters.socketio import engine as eio
 from broker.adapters.socketio import events as ev
 from broker.adapters.socketio import packets as pk
@@ -36,7 +35,7 @@ __all__ = ["ReferenceServer"]
 class _Entry:
     engine: eio.EngineSession
     sio: ev.SocketIOConnection
-    outbox: RingBuffer
+    outbox: eio.LineOutbox
     parked: asyncio.Future | None = None
     ws: web.WebSocketResponse | None = None
     probe: web.WebSocketResponse | None = None
@@ -102,7 +101,7 @@ class ReferenceServer:
     def _publish(self, channel: str, data: Any) -> int:
         offset = self.offsets.get(channel, 0) + 1
         self.offsets[channel] = offset
-        packet = pk.pub_packet(channel, offset, encode_json(data)) + pk.RECORD_SEPARATOR   # once
+        packet = pk.pub_packet(channel, offset, encode_json(data)) + pk.PACKET_END   # once
         for entry in list(self.subscribers.get(channel, ())):
             if not entry.outbox.append(packet):
                 self._apply(entry, entry.engine.close(self._now(), "slow consumer", 1013))
@@ -219,7 +218,7 @@ class ReferenceServer:
             return self._response(eio.error_response(exc.engine_code, exc.message))
         now = self._now()
         if req.sid is None:   # handshake
-            outbox = RingBuffer(1 << 20)
+            outbox = eio.LineOutbox(1 << 20)
             entry = _Entry(eio.EngineSession(eio.new_sid(0), req.transport, self.config, outbox, now),
                            ev.SocketIOConnection(now), outbox)
             self.sessions[entry.engine.sid] = entry

@@ -3,7 +3,7 @@
 Scenarios follow the Engine.IO protocol document and its compliance test
 suite (socketio/engine.io-protocol, test-suite/test-suite.js): handshake,
 polling, heartbeat, close, upgrade, and engine.io's error answers. The
-outbox is the fastpath's real RingBuffer.
+outbox is a LineOutbox on the fastpath's real RingBuffer.
 """
 from __future__ import annotations
 
@@ -13,7 +13,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from broker._fastpath import RingBuffer, load
 from broker.adapters.socketio import engine as eio
 from broker.adapters.socketio import packets as pk
 from broker.adapters.socketio.engine import (
@@ -50,14 +49,14 @@ def error_of(effect: Reply | AnswerPoll) -> tuple[int, int]:
 
 def polling_session(now: float = 0.0, capacity: int = 1 << 16) -> eio.EngineSession:
     """A polling session whose handshake GET has been answered."""
-    session = eio.EngineSession(eio.new_sid(0), eio.POLLING, CONFIG, RingBuffer(capacity), now)
+    session = eio.EngineSession(eio.new_sid(0), eio.POLLING, CONFIG, eio.LineOutbox(capacity), now)
     [reply] = session.on_poll(now)
     assert reply.response.body.startswith(b"0{")
     return session
 
 
 def websocket_session(now: float = 0.0) -> eio.EngineSession:
-    session = eio.EngineSession(eio.new_sid(0), eio.WEBSOCKET, CONFIG, RingBuffer(1 << 16), now)
+    session = eio.EngineSession(eio.new_sid(0), eio.WEBSOCKET, CONFIG, eio.LineOutbox(1 << 16), now)
     session.outbox.take()   # the open packet, written by the caller's flush
     return session
 
@@ -144,7 +143,7 @@ def test_sid_encodes_its_shard_and_is_unguessable():
 # -- handshake -----------------------------------------------------------------
 
 def test_polling_handshake_answers_the_open_packet():
-    outbox = RingBuffer(1 << 16)
+    outbox = eio.LineOutbox(1 << 16)
     session = eio.EngineSession("5.abcdefghijklmnopqrst", eio.POLLING, CONFIG, outbox, 100.0)
     [reply] = session.on_poll(100.0)
     assert reply.response.status == 200
@@ -157,7 +156,7 @@ def test_polling_handshake_answers_the_open_packet():
 
 
 def test_websocket_handshake_queues_the_open_packet_without_upgrades():
-    outbox = RingBuffer(1 << 16)
+    outbox = eio.LineOutbox(1 << 16)
     eio.EngineSession("5.abcdefghijklmnopqrst", eio.WEBSOCKET, CONFIG, outbox, 0.0)
     [packet] = pk.split_pending(outbox.take())
     assert json.loads(packet[1:])["upgrades"] == []
@@ -182,8 +181,8 @@ def test_poll_takes_everything_pending_at_once():
 def test_fan_out_appends_to_the_outbox_then_flushes_the_parked_poll():
     session = polling_session()
     session.on_poll(1.0)
-    session.outbox.append(pk.pub_packet("bill:1", 1, b"{}") + pk.RECORD_SEPARATOR)
-    session.outbox.append(pk.pub_packet("bill:1", 2, b"[]") + pk.RECORD_SEPARATOR)
+    session.outbox.append(pk.pub_packet("bill:1", 1, b"{}") + pk.PACKET_END)
+    session.outbox.append(pk.pub_packet("bill:1", 2, b"[]") + pk.PACKET_END)
     assert session.flush_poll() == [AnswerPoll(ok(
         b'42["pub",{"channel":"bill:1","offset":1,"data":{}}]\x1e42["pub",{"channel":"bill:1","offset":2,"data":[]}]'))]
 
@@ -261,7 +260,7 @@ def test_aborted_poll_ends_the_session():
 def test_server_close_gives_the_parked_poll_pending_packets_then_close():
     session = polling_session()
     session.on_poll(1.0)
-    session.outbox.append(pk.event_packet("reconnect", {"reason": "drain", "after_ms": 500}) + pk.RECORD_SEPARATOR)
+    session.outbox.append(pk.event_packet("reconnect", {"reason": "drain", "after_ms": 500}) + pk.PACKET_END)
     effects = session.close(2.0, "drain", 1012)
     assert effects == [AnswerPoll(ok(b'42["reconnect",{"reason":"drain","after_ms":500}]\x1e1')),
                        Closed("drain", 1012), Released()]
@@ -324,7 +323,7 @@ def test_websocket_messages_pongs_and_close():
     assert session.on_ws_message('42["subscribe",{"channel":"bill:1"}]', 1.0) == \
         [Message('2["subscribe",{"channel":"bill:1"}]')]
     assert session.tick(25.0) == []                   # the ping is in the outbox for the caller's flush
-    assert session.outbox.take() == b"2\x1e"
+    assert session.outbox.take() == b"2\n"
     assert session.on_ws_message("3", 26.0) == []
     assert session.next_deadline() == 51.0
     assert session.on_ws_message("6", 27.0) == []     # a noop is nothing
@@ -360,25 +359,6 @@ def test_websocket_session_refuses_polling_requests_and_probes():
     assert error_of(session.on_post(b"4x", 1.0)[0]) == error(eio.BAD_REQUEST)
     assert error_of(session.on_probe_open(1.0)[0]) == error(eio.BAD_REQUEST)
     assert session.open
-
-
-def test_websocket_frames_send_one_text_frame_per_packet():
-    frames = eio.websocket_frames(b"2\x1e" + pk.pub_packet("bill:1", 3, b"1") + b"\x1e")
-    payload = b'42["pub",{"channel":"bill:1","offset":3,"data":1}]'
-    assert frames == b"\x81\x01" + b"2" + bytes([0x81, len(payload)]) + payload
-
-
-def test_shared_frames_build_each_distinct_batch_once():
-    shared = eio.SharedWebSocketFrames()
-    batch = pk.pub_packet("bill:1", 3, b"1") + b"\x1e"
-    first = shared.frames(batch)
-    assert first == eio.websocket_frames(batch)
-    assert shared.frames(bytes(batch)) is first
-    assert shared.frames(b"2\x1e" + batch) == eio.websocket_frames(b"2\x1e" + batch)
-    assert shared.builds == 2
-    shared.clear()
-    shared.frames(batch)
-    assert shared.builds == 3
 
 
 # -- upgrade -------------------------------------------------------------------
@@ -464,21 +444,9 @@ def test_outbox_overflow_is_a_slow_consumer():
 
 
 def test_overflowing_ping_on_websocket_is_a_slow_consumer():
-    session = eio.EngineSession(eio.new_sid(0), eio.WEBSOCKET, CONFIG, RingBuffer(256), 0.0)
+    session = eio.EngineSession(eio.new_sid(0), eio.WEBSOCKET, CONFIG, eio.LineOutbox(256), 0.0)
     session.outbox.append(b"x" * (256 - len(session.outbox)))
     assert session.tick(25.0) == [Closed("slow consumer", 1013), Released()]
-
-
-@pytest.mark.parametrize("impl", ["compiled", "pure"])
-def test_a_slot_of_the_outbound_table_is_an_outbox(impl):
-    table = load("ringbuf", impl).OutboundTable(1 << 16)
-    table.open(3)
-    session = eio.EngineSession(eio.new_sid(0), eio.POLLING, CONFIG, eio.TableSlot(table, 3), 0.0)
-    assert session.on_poll(0.0)[0].response.body.startswith(b"0{")
-    assert session.on_poll(0.1) == [Park()]
-    table.append_many([3], pk.pub_packet("bill:1", 1, b"{}") + pk.RECORD_SEPARATOR)   # the fan-out
-    assert session.flush_poll() == [AnswerPoll(ok(b'42["pub",{"channel":"bill:1","offset":1,"data":{}}]'))]
-    assert table.pending(3) == 0
 
 
 def test_config_is_checked():
@@ -510,7 +478,7 @@ def test_any_sequence_keeps_the_invariants(transport, operations):
     parked GET answered once, Closed then Released exactly once, nothing
     handed up after the end, every answer a valid polling body or error."""
     now = 0.0
-    session = eio.EngineSession(eio.new_sid(1), transport, CONFIG, RingBuffer(4096), now)
+    session = eio.EngineSession(eio.new_sid(1), transport, CONFIG, eio.LineOutbox(4096), now)
     parked = released = closed = False
     for op, *args in operations:
         if op == "advance":

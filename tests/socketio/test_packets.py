@@ -95,10 +95,10 @@ def test_open_packet_has_the_handshake_fields_in_ms_and_bytes():
 
 
 def test_buffered_packets_become_a_polling_body_or_frames():
-    pending = b"2\x1e" + pk.pub_packet("bill:1", 1, b"{}") + b"\x1e"
+    pending = b"2\n" + pk.pub_packet("bill:1", 1, b"{}") + b"\n"
     assert pk.polling_body(pending) == b'2\x1e42["pub",{"channel":"bill:1","offset":1,"data":{}}]'
     assert pk.split_pending(pending) == [b"2", b'42["pub",{"channel":"bill:1","offset":1,"data":{}}]']
-    for bad in (b"", b"2"):
+    for bad in (b"", b"2", b"2\x1e"):
         with pytest.raises(ValueError):
             pk.polling_body(bad)
 

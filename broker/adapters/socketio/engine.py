@@ -10,9 +10,10 @@ to the probing WebSocket, hand a Socket.IO packet up, end the session).
 
 Outbound packets do not pass through this object: the session writes its own
 control packets (open, ping, close) into an ``Outbox`` — the session's
-outbound buffer, which the shard also fills with Socket.IO packets and
-publications — and the caller drains that buffer (a WebSocket: one text frame
-per packet; polling: the answer to the parked GET, see ``flush_poll``).
+outbound buffer, one ``\\n``-terminated line per packet, which the shard also
+fills with Socket.IO packets and publications — and the caller drains that
+buffer (a WebSocket: the shard's C flush writes one text frame per line;
+polling: the answer to the parked GET, see ``flush_poll``).
 
 Times are seconds on the caller's monotonic clock; ``next_deadline()`` says
 when ``tick()`` has something to do.
@@ -25,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 from urllib.parse import parse_qs
 
-from ..._fastpath import packet_frames
+from ..._fastpath import RingBuffer
 from ...errors import SocketIOError
 from ...jsoncodec import encode_json
 from . import packets as pk
@@ -37,7 +38,7 @@ __all__ = [
     "HttpResponse", "error_response", "too_large_response", "OK_RESPONSE",
     "new_sid", "shard_of_sid", "new_socket_id",
     "EngineRequest", "parse_request",
-    "EngineConfig", "Outbox", "TableSlot", "EngineSession", "websocket_frames", "SharedWebSocketFrames",
+    "EngineConfig", "Outbox", "LineOutbox", "EngineSession",
     "Effect", "Reply", "Park", "AnswerPoll", "ProbeSend", "ProbeClose", "Upgraded",
     "Message", "Closed", "Released",
 ]
@@ -272,15 +273,18 @@ class EngineConfig:
 
 
 class Outbox(Protocol):
-    """A session's outbound buffer (``broker._fastpath.RingBuffer`` is one;
-    the shard's ``OutboundTable`` slot of the session can be wrapped as one)."""
+    """A session's outbound buffer of ``\\n``-terminated packets (the shard's
+    ``OutboundTable`` slot of the session, through ``SessionHost``;
+    ``LineOutbox`` elsewhere)."""
 
     def append(self, data: bytes) -> bool:
-        """All or nothing; False when it does not fit (a slow consumer)."""
+        """One ``\\n``-terminated packet, all or nothing; False when it does
+        not fit (a slow consumer)."""
         ...
 
-    def take(self) -> bytes:
-        """Everything pending; empties the buffer."""
+    def take_payload(self) -> bytes:
+        """Everything pending as a polling payload (packets joined by the
+        record separator); empties the buffer."""
         ...
 
     def __len__(self) -> int:
@@ -288,29 +292,32 @@ class Outbox(Protocol):
         ...
 
 
-class TableSlot:
-    """One session's slot of the shard's ``OutboundTable`` as an ``Outbox``
-    (open the slot before creating the session: the open packet goes in)."""
+class LineOutbox:
+    """An ``Outbox`` on a ``RingBuffer`` of its own (tests, the reference
+    wiring); ``take()`` returns the raw lines (one WebSocket frame each)."""
 
-    __slots__ = ("table", "cid")
+    __slots__ = ("buffer",)
 
-    def __init__(self, table: Any, cid: int) -> None:
-        self.table = table
-        self.cid = cid
+    def __init__(self, capacity: int) -> None:
+        self.buffer = RingBuffer(capacity)
 
     def append(self, data: bytes) -> bool:
-        return bool(self.table.append(self.cid, data))
+        return bool(self.buffer.append(data))
 
     def take(self) -> bytes:
-        return bytes(self.table.take(self.cid))
+        return bytes(self.buffer.take())
+
+    def take_payload(self) -> bytes:
+        pending = self.take()
+        return pk.polling_body(pending) if pending else b""
 
     def __len__(self) -> int:
-        return int(self.table.pending(self.cid))
+        return len(self.buffer)
 
 
 _OPEN, _CLOSED = "open", "closed"
-_PING = pk.encode_engine(pk.PING) + pk.RECORD_SEPARATOR
-_CLOSE = pk.encode_engine(pk.CLOSE) + pk.RECORD_SEPARATOR
+_PING = pk.encode_engine(pk.PING) + pk.PACKET_END
+_CLOSE = pk.encode_engine(pk.CLOSE) + pk.PACKET_END
 _PROBE_ANSWER = pk.encode_engine(pk.PONG, "probe")
 
 
@@ -347,7 +354,7 @@ class EngineSession:
         upgrades = [WEBSOCKET] if transport == POLLING else []
         packet = pk.open_packet(sid, upgrades, round(config.ping_interval * 1000),
                                 round(config.ping_timeout * 1000), config.max_payload)
-        if not outbox.append(packet + pk.RECORD_SEPARATOR):
+        if not outbox.append(packet + pk.PACKET_END):
             raise ValueError("the outbox cannot hold the open packet")
 
     # -- state --------------------------------------------------------------
@@ -388,7 +395,7 @@ class EngineSession:
         to the same buffer directly and then calls ``flush_poll``."""
         if self.state != _OPEN:
             return []
-        if not self.outbox.append(packet + pk.RECORD_SEPARATOR):
+        if not self.outbox.append(packet + pk.PACKET_END):
             return self._end("slow consumer", 1013, now, overflow=True)
         return self.flush_poll()
 
@@ -401,7 +408,7 @@ class EngineSession:
         return [AnswerPoll(self._poll_answer())]
 
     def _poll_answer(self) -> HttpResponse:
-        return HttpResponse(200, pk.polling_body(self.outbox.take()))
+        return HttpResponse(200, self.outbox.take_payload())
 
     # -- polling ------------------------------------------------------------
     def on_poll(self, now: float) -> list[Effect]:
@@ -576,38 +583,9 @@ class EngineSession:
         if self.parked:
             self.parked = False
             if overflow or not self.outbox.append(_CLOSE):
-                self.outbox.take()   # full: nothing pending can go out in order
+                self.outbox.take_payload()   # full: nothing pending can go out in order
                 answer = HttpResponse(200, b"1")
             else:
                 answer = self._poll_answer()
             effects.append(AnswerPoll(answer))
         return effects + [closed, Released()]
-
-
-def websocket_frames(pending: bytes) -> bytes:
-    """Buffered packets as WebSocket text frames, one per packet (Engine.IO
-    over WebSocket sends each packet in its own frame), ready for one write."""
-    frames: bytes = packet_frames(pending)   # compiled: one pass, one allocation
-    return frames
-
-
-class SharedWebSocketFrames:
-    """``websocket_frames`` built once per distinct ``pending`` until
-    ``clear()`` (call it after each flush pass): after a fan-out, most
-    sessions hold the same bytes, so most sessions cost one dict lookup."""
-
-    __slots__ = ("_frames", "builds")
-
-    def __init__(self) -> None:
-        self._frames: dict[bytes, bytes] = {}
-        self.builds = 0
-
-    def frames(self, pending: bytes) -> bytes:
-        frames = self._frames.get(pending)
-        if frames is None:
-            frames = self._frames[pending] = websocket_frames(pending)
-            self.builds += 1
-        return frames
-
-    def clear(self) -> None:
-        self._frames.clear()

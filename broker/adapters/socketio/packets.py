@@ -7,10 +7,12 @@ and refuses all of them with a ``SocketIOError`` that names the problem.
 Every malformed input raises ``SocketIOError`` and nothing else.
 
 Outbound packets are bytes. The broker keeps a session's outbound packets in
-one buffer, each followed by ``RECORD_SEPARATOR`` (``\\x1e``): a polling
-answer is that buffer without its last separator, and over WebSocket each
-packet is its own text frame. The separator never occurs inside a packet we
-encode: JSON escapes every control character (``\\u001e``).
+one buffer (the shard's ``OutboundTable`` slot), each followed by
+``PACKET_END`` (``\\n``), like every other protocol's lines: a polling answer
+is those lines joined by ``RECORD_SEPARATOR`` (``\\x1e``), and over WebSocket
+each line is its own text frame (the fastpath's ``FRAMING_EIO_WS``). Neither
+byte ever occurs inside a packet we encode: JSON escapes every control
+character (``\\n``, ``\\u001e``).
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ from ...jsoncodec import decode_json, encode_json
 __all__ = [
     # Engine.IO
     "OPEN", "CLOSE", "PING", "PONG", "MESSAGE", "UPGRADE", "NOOP",
-    "RECORD_SEPARATOR", "EnginePacket", "encode_engine", "decode_engine",
+    "RECORD_SEPARATOR", "PACKET_END", "EnginePacket", "encode_engine", "decode_engine",
     "encode_payload", "decode_payload", "open_packet", "polling_body", "split_pending",
     # Socket.IO
     "CONNECT", "DISCONNECT", "EVENT", "ACK", "CONNECT_ERROR", "BINARY_EVENT", "BINARY_ACK",
@@ -39,6 +41,8 @@ OPEN, CLOSE, PING, PONG, MESSAGE, UPGRADE, NOOP = range(7)
 _ENGINE_TYPES = "0123456"
 
 RECORD_SEPARATOR = b"\x1e"
+#: ends each packet in a session's outbound buffer (one line per packet)
+PACKET_END = b"\n"
 _RS = "\x1e"
 
 
@@ -106,21 +110,22 @@ def open_packet(sid: str, upgrades: list[str], ping_interval_ms: int, ping_timeo
 
 
 def _check_pending(pending: bytes) -> None:
-    if not pending or pending[-1:] != RECORD_SEPARATOR:
-        raise ValueError("pending packets are non-empty and each ends with the record separator")
+    if not pending or pending[-1:] != PACKET_END:
+        raise ValueError("pending packets are non-empty and each ends with a newline")
 
 
 def polling_body(pending: bytes) -> bytes:
     """The body of a polling answer from buffered packets (each followed by
-    the record separator): the buffer without its last separator."""
+    ``PACKET_END``): the packets joined by the record separator (what the
+    shard's ``take_payload(session, RECORD_SEPARATOR)`` returns)."""
     _check_pending(pending)
-    return pending[:-1]
+    return pending[:-1].replace(PACKET_END, RECORD_SEPARATOR)
 
 
 def split_pending(pending: bytes) -> list[bytes]:
     """Buffered packets one by one (for WebSocket: one text frame each)."""
     _check_pending(pending)
-    return pending[:-1].split(RECORD_SEPARATOR)
+    return pending[:-1].split(PACKET_END)
 
 
 # -- Socket.IO -----------------------------------------------------------------
