@@ -189,10 +189,12 @@ class Connection(asyncio.Protocol):
         None where it cannot move: TLS (its state is in this process), an
         upgraded connection, no socket."""
         transport = self.transport
-        sock = transport.get_extra_info("socket") if transport is not None else None
-        if sock is None or self.ws is not None or is_tls(transport):
+        if transport is None or self.ws is not None or is_tls(transport):
             return None
-        moved = sock.dup()
+        sock = transport.get_extra_info("socket")
+        if sock is None:
+            return None
+        moved: socket.socket = sock.dup()
         transport.pause_reading()
         self.transport = None
         self.parser = None

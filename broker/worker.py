@@ -18,6 +18,7 @@ from typing import Any
 
 from .adapters.socketio.handoff import Handoff
 from .adapters.socketio.session import PATH as SOCKETIO_PATH
+from .adapters.socketio.session import SocketIOEndpoint
 from .config import Config
 from .engine.base import Engine
 from .engine.cluster import ClusterEngine
@@ -136,7 +137,9 @@ def _run(shard_id_int: int, shards: int, parent: int, run_dir: str, spec: dict[s
         if isinstance(engine, RedisEngine):
             engine.local_presence = shard_presence(shard)
         # Socket.IO: a request for a session on another shard is passed to it.
-        shard.endpoints[SOCKETIO_PATH].handoff = Handoff(run_dir, shard_id_int, loop, shard.protocol_factory)
+        socketio = shard.endpoints[SOCKETIO_PATH]
+        assert isinstance(socketio, SocketIOEndpoint)
+        socketio.handoff = Handoff(run_dir, shard_id_int, loop, shard.protocol_factory)
         shard.admin_endpoint = spec.get("admin") or None
         operations = ShardOperations(shard, run_dir, router.tell_supervisor, spec.get("config_version", 0))
         follow_shard = router.on_status

@@ -308,7 +308,7 @@ class SocketIOReceiver(Receiver):
 
     __slots__ = ("token",)
 
-    def __init__(self, channel: str | None, latencies: array, ready: "asyncio.Future[None] | None" = None,
+    def __init__(self, channel: str | None, latencies: array[int], ready: asyncio.Future[None] | None = None,
                  token: str | None = None) -> None:
         super().__init__(channel, latencies, ready)
         self.token = token

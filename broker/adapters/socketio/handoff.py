@@ -18,7 +18,8 @@ import asyncio
 import logging
 import os
 import socket
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 __all__ = ["Handoff", "handoff_path"]
 

@@ -23,13 +23,14 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass
+from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from ..._fastpath import FRAMING_EIO_WS, FRAMING_POLLING, text_frame
 from ...auth import ANONYMOUS, verify_token
 from ...errors import AuthError, EngineUnavailable, ProtocolViolation, SocketIOError
 from ...handshake import Accepted, negotiate
-from ...httpmsg import Request, Response, error_response
+from ...httpmsg import Request, Response
 from ...pressure import TokenBucket
 from ...tls import is_tls
 from ..native.protocol import BadCommandBudget
@@ -84,7 +85,7 @@ class SocketIOAccepted(Accepted):
     """An accepted upgrade at ``/socket.io/``: a new WebSocket session
     (``session`` None) or the probe of ``session``'s upgrade."""
 
-    session: "SocketIOSession | None" = None
+    session: SocketIOSession | None = None
 
 
 class SocketIOEndpoint:
@@ -122,6 +123,8 @@ class SocketIOEndpoint:
             return _engine_error(exc.engine_code, exc.message)
         session = None
         if req.sid is not None:
+            if req.shard is None:
+                return _engine_error(eio.UNKNOWN_SID)
             if req.shard != self.host.id:
                 return self._hand_off(req.shard, request)
             session = self.sessions.get(req.sid)
@@ -139,7 +142,7 @@ class SocketIOEndpoint:
         fields = {name: getattr(accepted, name) for name in accepted.__dataclass_fields__}
         return SocketIOAccepted(**fields, session=session)
 
-    def open(self, conn: "Connection", accepted: Accepted) -> "WireHandler":
+    def open(self, conn: Connection, accepted: Accepted) -> WireHandler:
         session = getattr(accepted, "session", None)
         if session is None:
             session = SocketIOSession(self.host, self, eio.WEBSOCKET, conn)
@@ -158,8 +161,10 @@ class SocketIOEndpoint:
             refusal = self._overloaded()
             if refusal is not None:
                 return refusal
-            session = SocketIOSession(self.host, self, eio.POLLING)
-            return await session.poll()
+            fresh = SocketIOSession(self.host, self, eio.POLLING)
+            return await fresh.poll()
+        if req.shard is None:
+            return _engine_error(eio.UNKNOWN_SID)
         if req.shard != self.host.id:
             return self._hand_off(req.shard, request)
         session = self.sessions.get(req.sid)
@@ -184,11 +189,11 @@ class WireHandler:
 
     __slots__ = ("session", "conn")
 
-    def __init__(self, session: "SocketIOSession", conn: "Connection") -> None:
+    def __init__(self, session: SocketIOSession, conn: Connection) -> None:
         self.session = session
         self.conn = conn
 
-    def handle_text(self, text: str):
+    def handle_text(self, text: str) -> Coroutine[Any, Any, None]:
         return self.session.ws_text(self.conn, text)
 
     def wire_paused(self, paused: bool) -> None:
@@ -212,7 +217,7 @@ class _SlotOutbox:
 
     __slots__ = ("session",)
 
-    def __init__(self, session: "SocketIOSession") -> None:
+    def __init__(self, session: SocketIOSession) -> None:
         self.session = session
 
     def append(self, data: bytes) -> bool:
@@ -245,7 +250,7 @@ class SocketIOSession(Session):
     adapter: ClassVar[Adapter] = SOCKETIO
 
     def __init__(self, host: SessionHost, endpoint: SocketIOEndpoint, transport: str,
-                 conn: "Connection | None" = None) -> None:
+                 conn: Connection | None = None) -> None:
         super().__init__(ANONYMOUS)    # the CONNECT packet's token decides (``_connect``)
         self.host = host
         self.endpoint = endpoint
@@ -268,7 +273,7 @@ class SocketIOSession(Session):
         endpoint.sessions[self.engine.sid] = self
 
     @staticmethod
-    def _fd_of(conn: "Connection") -> int:
+    def _fd_of(conn: Connection) -> int:
         """A dup of the socket for the C flush; none through TLS, where every
         byte goes through the transport."""
         return -1 if conn.transport is None or is_tls(conn.transport) else conn.dup_fd()
@@ -338,7 +343,8 @@ class SocketIOSession(Session):
     async def poll(self) -> Response:
         effects = self.engine.on_poll(self.host.loop.time())
         if any(type(e) is eio.Park for e in effects):
-            waiting = self.parked = self.host.loop.create_future()
+            waiting: asyncio.Future[Response] = self.host.loop.create_future()
+            self.parked = waiting
             self._apply(effects)
             return await waiting
         reply, _ = self._apply(effects)
@@ -349,20 +355,20 @@ class SocketIOSession(Session):
         return reply or _http(eio.OK_RESPONSE)
 
     # ---------------------------------------------------------- WebSocket
-    async def ws_text(self, conn: "Connection", text: str) -> None:
+    async def ws_text(self, conn: Connection, text: str) -> None:
         now = self.host.loop.time()
         if conn is self.probe:
             self._apply(self.engine.on_probe_message(text, now))
         elif conn is self.conn:
             await self._handle(self.engine.on_ws_message(text, now))
 
-    def ws_paused(self, conn: "Connection", paused: bool) -> None:
+    def ws_paused(self, conn: Connection, paused: bool) -> None:
         if conn is self.conn:
             self.host.set_paused(self, paused)
             if not paused:
                 self.host.flush_session(self)
 
-    def ws_gone(self, conn: "Connection", lost: bool) -> None:
+    def ws_gone(self, conn: Connection, lost: bool) -> None:
         now = self.host.loop.time()
         if conn is self.probe:
             self.probe = None
