@@ -8,7 +8,7 @@ from collections.abc import Iterable
 from typing import Protocol, TypeAlias
 
 __all__ = ["OP_CONT", "OP_TEXT", "OP_BINARY", "OP_CLOSE", "OP_PING", "OP_PONG", "frame_header", "text_frame",
-           "ndjson_batch", "batch_frame", "packet_frames", "Deflater", "SharedFrames"]
+           "ndjson_batch", "batch_frame", "Deflater", "SharedFrames"]
 
 OP_CONT: int
 OP_TEXT: int
@@ -22,7 +22,6 @@ def frame_header(length: int, opcode: int = 1, fin: bool = True, rsv1: bool = Fa
 def text_frame(payload: _Buffer, rsv1: bool = False) -> bytes: ...
 def ndjson_batch(lines: Iterable[_Buffer]) -> bytes: ...
 def batch_frame(pending: _Buffer) -> bytes: ...
-def packet_frames(pending: _Buffer) -> bytes: ...
 
 class Deflater:
     def __init__(self, level: int = 6, window_bits: int = 15) -> None: ...
