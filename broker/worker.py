@@ -153,6 +153,12 @@ def _run(shard_id_int: int, shards: int, parent: int, run_dir: str, spec: dict[s
         def listening(port: int) -> None:
             router.tell_supervisor({"ready": shard_id_int, "pid": os.getpid()})
 
+        if isinstance(engine, RedisEngine):
+            # Accept nobody before the engine can store: a shard that listened
+            # first answered its first publishes 503 while its sibling (and so
+            # /readyz) already said ready. Redis down at start: serve anyway
+            # after the wait; /readyz says why it is not ready.
+            loop.run_until_complete(_engine_ready(engine, 2 * config.redis.timeout))
         listener = None
         if "listen_fd" in spec:  # the supervisor's listening socket, inherited
             listener = socket.socket(fileno=spec["listen_fd"])
@@ -166,6 +172,12 @@ def _run(shard_id_int: int, shards: int, parent: int, run_dir: str, spec: dict[s
         # Orphaned: nobody will restart us from this run dir or clean it up.
         shutil.rmtree(run_dir, ignore_errors=True)
     return 0
+
+
+async def _engine_ready(engine: Engine, timeout: float) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not engine.ready() and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.02)
 
 
 if __name__ == "__main__":
