@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from ..config import Config
     from ..engine import Position
 
-__all__ = ["Adapter", "Session", "SessionHost", "Subscribed"]
+__all__ = ["Adapter", "Session", "SessionHost", "Subscribed", "refresh_identity"]
 
 
 @dataclass(slots=True)
@@ -107,6 +107,23 @@ class Session(abc.ABC):
     def write_tail(self, rest: bytes | None) -> None:
         """The unsent tail of a frame the C flush began writing (it must go
         out before anything else), or None when the socket failed."""
+
+
+def refresh_identity(session: Session, token: str, config: Config) -> int | None:
+    """``refresh`` for every protocol (PROTOCOL.md §1): a newer token for the
+    same user replaces the session's identity; returns its exp. Another user
+    or an invalid token: 403, the old token stays."""
+    from ..auth import verify_token
+    from ..errors import AuthError, ProtocolViolation
+
+    try:
+        identity = verify_token(token, config)
+    except AuthError as exc:
+        raise ProtocolViolation(403, f"refresh refused: {exc}") from None
+    if session.identity.user is None or identity.user != session.identity.user:
+        raise ProtocolViolation(403, "refresh refused: the token is for another user")
+    session.identity = identity
+    return int(identity.expires) if identity.expires is not None else None
 
 
 class SessionHost(Protocol):

@@ -9,11 +9,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from ...auth import verify_token
-from ...errors import AuthError, EngineUnavailable, ProtocolViolation
+from ...errors import EngineUnavailable, ProtocolViolation
 from ...handshake import Accepted, negotiate
 from ...httpmsg import Request, Response
-from ..session import Adapter, SessionHost
+from ..session import Adapter, SessionHost, refresh_identity
 from ..websocket import WebSocketSession
 from .protocol import Command, error_line, parse_message, pub_line, reply_line
 
@@ -107,12 +106,5 @@ class NativeSession(WebSocketSession):
 
     def _refresh(self, command_id: int | None, token: str) -> None:
         """A newer token for the same user: the session lives on to its exp."""
-        try:
-            identity = verify_token(token, self.host.config)
-        except AuthError as exc:
-            raise ProtocolViolation(403, f"refresh refused: {exc}") from None
-        if self.identity.user is None or identity.user != self.identity.user:
-            raise ProtocolViolation(403, "refresh refused: the token is for another user")
-        self.identity = identity
-        exp = int(identity.expires) if identity.expires is not None else None
+        exp = refresh_identity(self, token, self.host.config)
         self.host.queue(self, reply_line(command_id, "refreshed", exp=exp))

@@ -34,7 +34,7 @@ from ...httpmsg import Request, Response
 from ...pressure import TokenBucket
 from ...tls import is_tls
 from ..native.protocol import BadCommandBudget
-from ..session import Adapter, Session, SessionHost
+from ..session import Adapter, Session, SessionHost, refresh_identity
 from . import engine as eio
 from . import events as ev
 from . import packets as pk
@@ -123,13 +123,10 @@ class SocketIOEndpoint:
             return _engine_error(exc.engine_code, exc.message)
         session = None
         if req.sid is not None:
-            if req.shard is None:
-                return _engine_error(eio.UNKNOWN_SID)
-            if req.shard != self.host.id:
-                return self._hand_off(req.shard, request)
-            session = self.sessions.get(req.sid)
-            if session is None:
-                return _engine_error(eio.UNKNOWN_SID)
+            owned = self._owned(req, request)
+            if isinstance(owned, Response):
+                return owned
+            session = owned
         elif (refusal := self._overloaded()) is not None:
             return refusal
         accepted = negotiate(request, self.host.config, lambda _request, _config: ANONYMOUS)
@@ -163,16 +160,22 @@ class SocketIOEndpoint:
                 return refusal
             fresh = SocketIOSession(self.host, self, eio.POLLING)
             return await fresh.poll()
+        session = self._owned(req, request)
+        if isinstance(session, Response):
+            return session
+        if req.method == "GET":
+            return await session.poll()
+        return await session.post(request.body)
+
+    def _owned(self, req: eio.EngineRequest, request: Request) -> SocketIOSession | Response:
+        """The session a request names, here; handed to its shard when it
+        lives on another; "Session ID unknown" when it lives nowhere."""
         if req.shard is None:
             return _engine_error(eio.UNKNOWN_SID)
         if req.shard != self.host.id:
             return self._hand_off(req.shard, request)
-        session = self.sessions.get(req.sid)
-        if session is None:
-            return _engine_error(eio.UNKNOWN_SID)
-        if req.method == "GET":
-            return await session.poll()
-        return await session.post(request.body)
+        session = self.sessions.get(req.sid) if req.sid is not None else None
+        return session if session is not None else _engine_error(eio.UNKNOWN_SID)
 
     def _hand_off(self, shard: int, request: Request) -> Response:
         """Pass the request and its connection to the shard owning the
@@ -459,14 +462,7 @@ class SocketIOSession(Session):
 
     def _refresh(self, token: str) -> int | None:
         """A newer token for the same user (PROTOCOL.md §1 ``refresh``)."""
-        try:
-            identity = verify_token(token, self.host.config)
-        except AuthError as exc:
-            raise ProtocolViolation(403, f"refresh refused: {exc}") from None
-        if self.identity.user is None or identity.user != self.identity.user:
-            raise ProtocolViolation(403, "refresh refused: the token is for another user")
-        self.identity = identity
-        return int(identity.expires) if identity.expires is not None else None
+        return refresh_identity(self, token, self.host.config)
 
     # ------------------------------------------------------------- limits
     def _over_rate(self, ack_id: int | None) -> bool:
