@@ -294,6 +294,8 @@ class IpConnectionTable:
 
     def release(self, ip: str) -> None:
         """One connection from ``ip`` counted by ``try_acquire`` ended."""
+        if self._table is None:  # closed: a connection that outlived the shard's watch
+            return
         slot = self._slot(ip)
         if self._own[slot] > 0:
             self._own[slot] -= 1

@@ -73,6 +73,7 @@ class Shard:
         self.outbound = OutboundTable(config.limits.outbound_buffer_bytes)
         self.sessions: list[Session | None] = []
         self._fds: dict[int, int] = {}     # cid -> dup'd socket the C flush writes to
+        self._held: set[int] = set()       # cids whose transport is paused (set_paused)
         self._free_ids: list[int] = []
         self.endpoints: dict[str, WebSocketEndpoint] = {
             "/ws": NativeEndpoint(self),
@@ -174,6 +175,16 @@ class Shard:
     def set_paused(self, session: Session, paused: bool) -> None:
         if session.cid >= 0:
             self.outbound.set_paused(session.cid, paused)
+            if paused:
+                self._held.add(session.cid)
+            else:
+                self._held.discard(session.cid)
+
+    def held_back(self) -> list[Session]:
+        """Sessions whose transport holds unsent bytes (the client's kernel
+        buffers are full: it is not reading as fast as it is sent to)."""
+        sessions = self.sessions
+        return [s for cid in self._held if (s := sessions[cid]) is not None and not s.closing]
 
     def close_session(self, session: Session) -> None:
         """The close is under way: nothing more is delivered to or queued for it."""
@@ -189,6 +200,7 @@ class Shard:
             return
         self.close_session(session)
         session.cid = -1
+        self._held.discard(cid)
         fd = self._fds.pop(cid, -1)
         if fd >= 0:
             os.close(fd)
@@ -254,12 +266,26 @@ class Shard:
                 if session is not None and not session.closing:
                     self._slow_consumer(session)
             self._schedule_flush()
+        # A burst delivered in one loop turn fills buffers before any flush.
+        self.watch.note_pending(self.outbound.total_pending)
 
     def _slow_consumer(self, session: Session) -> None:
         self.slow_consumers += 1
         if session.cid >= 0:
             self.outbound.take(session.cid)  # drop what it could not take
         session.close(1013, "slow consumer: outbound buffer full")
+
+    def shed(self, session: Session, reason: str) -> None:
+        """End ``session`` to free memory (degradation level 2): its queued
+        bytes are dropped (not flushed into the transport), the close frame
+        (1013) is written and the connection dropped at once, with what its
+        transport still held: the client is not reading, so it would keep
+        those bytes in memory for the whole close grace and could not reach
+        the close frame behind them anyway."""
+        if session.cid >= 0:
+            self.outbound.take(session.cid)
+        session.close(1013, reason)
+        session.abort()
 
     def _schedule_flush(self) -> None:
         if self._flush_handle is None:
@@ -294,12 +320,24 @@ class Shard:
             session = sessions[cid]
             if session is not None:
                 session.write_tail(rest)
+        self.watch.note_pending(self.outbound.total_pending)
         ended = time.perf_counter()
         self._next_flush = ended + min(self.config.flush_max_window, FLUSH_DUTY * (ended - started))
 
+    def flush_now(self) -> int:
+        """Flush at once, not at the end of the loop turn (a burst of
+        deliveries fills every buffer alike: only what clients did not take
+        should count); returns the bytes still pending."""
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+        self._flush()
+        pending: int = self.outbound.total_pending
+        return pending
+
     def flush_session(self, session: Session, force: bool = False) -> None:
         """Write one session's pending lines now (resume, close, drain)."""
-        if session.cid >= 0 and self.outbound.pending(session.cid):
+        cid = session.cid
+        if cid >= 0 and self.outbound.is_open(cid) and self.outbound.pending(cid):
             session.write_pending(force)
 
     # -------------------------------------------------------- commands

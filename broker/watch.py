@@ -93,6 +93,18 @@ class Watched(Protocol):
         """Bytes queued for ``session``."""
         ...
 
+    def held_back(self) -> list[Session]:
+        """Open sessions whose transport holds unsent bytes."""
+        ...
+
+    def flush_now(self) -> int:
+        """Write what every session can take now; the bytes still pending."""
+        ...
+
+    def shed(self, session: Session, reason: str) -> None:
+        """Drop what is queued for ``session`` and end it now (1013)."""
+        ...
+
 
 
 class Watch:
@@ -114,6 +126,12 @@ class Watch:
         self.fd_refusals = EmfileReporter()
         self._process = psutil.Process(os.getpid())
         self._next_memory_check = 0.0
+        # Between the timed checks, the outbound buffers growing by this much
+        # triggers a check at once (``note_pending``): a flood fills them far
+        # faster than once a second.
+        self._pending_step = max(1 << 20, self.degradation.budget // 16)
+        self._pending_mark = self._pending_step
+        self._checking = False
         self._timer: asyncio.TimerHandle | None = shard.loop.call_later(TICK, self._tick)
 
     @property
@@ -170,8 +188,28 @@ class Watch:
             release_memory(collect=False)
             self._peak_sessions = count
 
-    def check_memory(self) -> None:
-        """Measure RSS, move between levels (logged once per change), act."""
+    def note_pending(self, pending: int) -> None:
+        """``pending``: the bytes the shard's outbound buffers hold now
+        (after a delivery or a flush). Grown by a step since the last
+        check, with a budget in force: flush at once (a burst delivered in
+        one loop turn must not pile up in the buffers of clients that read,
+        nor be taken for theirs), then check the memory."""
+        if self._checking or self.degradation.budget <= 0:
+            return
+        if pending >= self._pending_mark:
+            self._checking = True
+            try:
+                pending = self.shard.flush_now()
+                self.check_memory(collect=False)
+            finally:
+                self._checking = False
+            self._pending_mark = pending + self._pending_step
+        elif pending + self._pending_step < self._pending_mark:
+            self._pending_mark = pending + self._pending_step
+
+    def check_memory(self, collect: bool = True) -> None:
+        """Measure RSS, move between levels (logged once per change), act
+        (``collect``: a full garbage collection too, on the timed checks)."""
         if self.degradation.budget <= 0:
             return
         try:
@@ -182,30 +220,48 @@ class Watch:
         if transition is not None:
             (log.warning if transition.rising else log.info)("shard: %s", transition.message())
         level = self.degradation.level
-        if level >= 1:
-            release_memory()
         if level >= 2:
+            if not self._checking:
+                self._checking = True
+                try:
+                    self.shard.flush_now()  # whoever can take its bytes now is not cut
+                finally:
+                    self._checking = False
             self._cut_heaviest()
+        if level >= 1:
+            release_memory(collect)
 
     def _cut_heaviest(self) -> None:
-        """Level 2: the connections with the most pending bytes go first
-        (1013), a tenth of those with any pending at each check."""
+        """Level 2: among the connections that are not keeping up (their
+        transport holds unsent bytes), the ones with the most pending bytes
+        go first (1013): at each check, as many as hold the excess of RSS
+        over the level-2 threshold, and at least a tenth of them. A client
+        that reads what it is sent is never cut: its bytes go out at the
+        next flush. The cut ones' queued bytes are dropped and their sockets
+        closed at once: a client that does not read would hold them until
+        the close grace ends."""
         shard = self.shard
-        loaded = [(shard.pending_bytes(s), s) for s in shard.sessions
-                  if s is not None and not s.closing]
-        loaded = [(n, s) for n, s in loaded if n > 0]
+        loaded = [(shard.pending_bytes(s), s) for s in shard.held_back()]
         if not loaded:
             return
         loaded.sort(key=lambda item: item[0], reverse=True)
-        for _, session in loaded[:max(1, len(loaded) // 10)]:
+        degradation = self.degradation
+        excess = degradation.rss - degradation.thresholds.level2 * degradation.budget
+        at_least = max(1, len(loaded) // 10)
+        freed = 0
+        for count, (pending, session) in enumerate(loaded):
+            if count >= at_least and freed >= excess:
+                break
+            freed += pending
             self.cut_for_memory += 1
-            session.close(1013, "overloaded: the shard is over its memory budget")
+            shard.shed(session, "overloaded: the shard is over its memory budget")
 
     def reconfigure(self, config: Config, shards: int) -> None:
         """New limits or thresholds (a reload)."""
         transition = self.degradation.reconfigure(shard_budget(config.memory_limit_mb, shards),
                                                   _thresholds(config))
         self.budget_bytes = (config.memory_limit_mb or 0) * 2**20
+        self._pending_step = max(1 << 20, self.degradation.budget // 16)
         if transition is not None:
             log.info("shard: %s", transition.message())
 
