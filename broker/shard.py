@@ -256,8 +256,11 @@ class Shard:
             count = len(ids)
             if count == 0:
                 continue
-            overflowed = self.outbound.append_many(ids, adapter.pub_line(channel, offset, data_json))
+            line = adapter.pub_line(channel, offset, data_json)
+            overflowed = self.outbound.append_many(ids, line)
             del ids  # the view is valid only until the table changes
+            if overflowed:
+                overflowed = self._retry_after_flush(overflowed, line)
             self.delivered += count - len(overflowed)
             if self._oldest_pending is None:
                 self._oldest_pending = self.loop.time()
@@ -268,6 +271,15 @@ class Shard:
             self._schedule_flush()
         # A burst delivered in one loop turn fills buffers before any flush.
         self.watch.note_pending(self.outbound.total_pending)
+
+    def _retry_after_flush(self, overflowed: list[int], line: bytes) -> list[int]:
+        """Buffers full in the middle of a burst (many publications delivered
+        in one loop turn, before any flush): write what the sockets take
+        now and try again; only a buffer still full is a slow consumer, not
+        a client that reads but was not given the chance."""
+        self.flush_now()
+        outbound = self.outbound
+        return [cid for cid in overflowed if outbound.is_open(cid) and not outbound.append(cid, line)]
 
     def _slow_consumer(self, session: Session) -> None:
         self.slow_consumers += 1

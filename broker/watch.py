@@ -227,15 +227,18 @@ class Watch:
                     self.shard.flush_now()  # whoever can take its bytes now is not cut
                 finally:
                     self._checking = False
-            self._cut_heaviest()
-        if level >= 1:
+            cut = self._cut_heaviest()
+        else:
+            cut = 0
+        if level >= 1 and (collect or cut):  # a trim costs: not at every step of a burst
             release_memory(collect)
 
-    def _cut_heaviest(self) -> None:
+    def _cut_heaviest(self) -> int:
         """Level 2: among the connections that are not keeping up (their
         transport holds unsent bytes), the ones with the most pending bytes
         go first (1013): at each check, as many as hold the excess of RSS
-        over the level-2 threshold, and at least a tenth of them. A client
+        over the level-2 threshold, and at least a tenth of them, among
+        those holding at least a quarter of what the heaviest holds. A client
         that reads what it is sent is never cut: its bytes go out at the
         next flush. The cut ones' queued bytes are dropped and their sockets
         closed at once: a client that does not read would hold them until
@@ -243,18 +246,24 @@ class Watch:
         shard = self.shard
         loaded = [(shard.pending_bytes(s), s) for s in shard.held_back()]
         if not loaded:
-            return
+            return 0
         loaded.sort(key=lambda item: item[0], reverse=True)
+        # A reader caught paused for a moment holds far less than the flood:
+        # only those holding a quarter of the heaviest's bytes are candidates.
+        floor = loaded[0][0] // 4
+        loaded = [(n, s) for n, s in loaded if n >= floor]
         degradation = self.degradation
         excess = degradation.rss - degradation.thresholds.level2 * degradation.budget
         at_least = max(1, len(loaded) // 10)
-        freed = 0
-        for count, (pending, session) in enumerate(loaded):
-            if count >= at_least and freed >= excess:
+        freed = cut = 0
+        for pending, session in loaded:
+            if cut >= at_least and freed >= excess:
                 break
             freed += pending
-            self.cut_for_memory += 1
+            cut += 1
             shard.shed(session, "overloaded: the shard is over its memory budget")
+        self.cut_for_memory += cut
+        return cut
 
     def reconfigure(self, config: Config, shards: int) -> None:
         """New limits or thresholds (a reload)."""

@@ -167,7 +167,17 @@ class FloodSocket:
             data += chunk
         head, _, self.buffer = data.partition(b"\r\n\r\n")
         self.status = int(head.split(b" ", 2)[1])
-        if self.status == 101:
+        self.body = b""
+        if self.status != 101:
+            length = next((int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
+                           if line.lower().startswith(b"content-length:")), 0)
+            while len(self.buffer) < length:
+                chunk = sock.recv(4096)
+                if not chunk:
+                    break
+                self.buffer += chunk
+            self.body = self.buffer[:length]
+        else:
             sock.sendall(_masked_text(json.dumps({"id": 1, "op": "subscribe", "channel": channel}).encode()))
             while b'"subscribed"' not in self.buffer:
                 chunk = sock.recv(4096)
@@ -222,7 +232,8 @@ class HealthyClient(threading.Thread):
 
     def __init__(self, url: str, channel: str) -> None:
         super().__init__(daemon=True)
-        self.ws = connect(url, compression=None, open_timeout=10, max_size=None, max_queue=None)
+        self._connect = connect(url, compression=None, open_timeout=10, max_size=None, max_queue=None)
+        self.ws = self._connect.__enter__()
         self.ws.send(json.dumps({"id": 1, "op": "subscribe", "channel": channel}))
         reply = json.loads(self.ws.recv(timeout=10).split("\n")[0])
         assert reply["op"] == "subscribed", reply
@@ -275,7 +286,8 @@ class FloodFigures:
     budget_bytes: int
     idle_rss: int = 0
     peak_rss: int = 0
-    flood: int = 0                       # flood connections opened (101)
+    flood: int = 0                       # flood connections opened before publishing (101)
+    reflood: int = 0                     # more accepted while publishing (attackers come back)
     flood_refused: int = 0               # flood upgrades refused (503 at level 3)
     max_level: int = 0
     memory_cuts: int = 0                 # closed 1013 at level 2 (stats)
@@ -303,7 +315,7 @@ class FloodFigures:
         return (f"flood: {self.shards} shards, budget {self.budget_bytes / MIB:.0f} MiB, "
                 f"idle {self.idle_rss / MIB:.0f} MiB, peak summed shard RSS {self.peak_rss / MIB:.0f} MiB "
                 f"= {self.peak_ratio:.2f} x budget; max level {self.max_level}; "
-                f"{self.flood} flood connections ({self.flood_refused} refused), cut 1013: "
+                f"{self.flood} + {self.reflood} flood connections ({self.flood_refused} refused), cut 1013: "
                 f"{self.memory_cuts} at level 2 + {self.slow_consumers} slow consumers "
                 f"(close frames read: {frames or '-'}); upgrades refused at level 3: {self.refused_memory} "
                 f"(503 JSON seen: {len(self.level3_refusals)}); level 0 again after "
@@ -351,6 +363,39 @@ class StatsPoller(threading.Thread):
                         continue
                     if status == 503:
                         self.figures.level3_refusals.append(json.loads(body)["error"])
+            self._halt.wait(self.interval)
+
+    def stop(self) -> None:
+        self._halt.set()
+        self.join(10)
+
+
+class Reflooder(threading.Thread):
+    """Attackers come back: new flood connections every ``interval`` while
+    the publisher runs. Those refused at level 3 are the figures' 503s."""
+
+    def __init__(self, port: int, figures: FloodFigures, floods: list[FloodSocket],
+                 interval: float = 0.02) -> None:
+        super().__init__(daemon=True)
+        self.port = port
+        self.figures = figures
+        self.floods = floods
+        self.interval = interval
+        self._halt = threading.Event()
+
+    def run(self) -> None:
+        while not self._halt.is_set():
+            try:
+                sock = FloodSocket(self.port, CHANNEL)
+            except OSError:
+                continue
+            if sock.status == 101:
+                self.floods.append(sock)
+            else:
+                self.figures.flood_refused += 1
+                if sock.status == 503:
+                    self.figures.level3_refusals.append(json.loads(sock.body)["error"])
+                sock.close()
             self._halt.wait(self.interval)
 
     def stop(self) -> None:
@@ -406,14 +451,19 @@ def run_flood(broker: BrokerProcess, budget_mb: int, shards: int, flood: int = 4
         else:
             figures.flood_refused += 1
             sock.close()
-    figures.flood = len(floods)
+    first_wave = len(floods)
     poller = StatsPoller(broker, figures)
     poller.start()
+    reflooder = Reflooder(broker.port, figures, floods)
+    reflooder.start()
     _publisher(broker, figures, payload_bytes, time.monotonic() + seconds, rate)
+    reflooder.stop()
     poller.stop()
+    figures.flood = first_wave
+    figures.reflood = len(floods) - first_wave
     # What the flood sockets saw: read a sample to the end (a close frame or none).
     codes: dict[str, int] = {}
-    for sock in floods[-sample_close:]:
+    for sock in floods[max(0, first_wave - sample_close):first_wave]:  # the first wave: all were cut
         code = sock.close_code()
         codes[code] = codes.get(code, 0) + 1
     figures.close_frames = codes
@@ -460,18 +510,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--healthy", type=int, default=4, help="clients that read everything")
     parser.add_argument("--payload-bytes", type=int, default=16384)
     parser.add_argument("--rate", type=float, default=100.0, help="publications per second")
-    parser.add_argument("--check-interval", type=float, default=None,
-                        help="[memory] check_interval (default: the broker's)")
+    parser.add_argument("--outbound-buffer-bytes", type=int, default=None,
+                        help="[limits] outbound_buffer_bytes (default: the broker's, 1 MiB)")
     parser.add_argument("--log", default=None, help="write the broker's log here")
     args = parser.parse_args(argv)
     budget = args.memory_limit_mb or idle_budget_mb(args.shards)
     extra: list[str] = []
     config_path = None
-    if args.check_interval is not None:
+    if args.outbound_buffer_bytes is not None:
         import tempfile
 
         fd, config_path = tempfile.mkstemp(suffix=".toml")
-        os.write(fd, f"[memory]\ncheck_interval = {args.check_interval}\n".encode())
+        os.write(fd, f"[limits]\noutbound_buffer_bytes = {args.outbound_buffer_bytes}\n".encode())
         os.close(fd)
         extra = ["--config", config_path]
     broker = BrokerProcess(args=["--shards", str(args.shards), "--allow-anonymous",

@@ -5,7 +5,10 @@ that subscribe and never read, while healthy clients go on receiving.
 The budget is chosen from this machine's idle shard RSS (idle at 60% of
 it), so the figures mean the same on any machine. The flood itself is
 tools/flood.py's (the same code prints the figures for an operator);
-``pytest -s`` shows its one-line summary.
+``pytest -s`` shows its one-line summary. Healthy clients may lag 8 MiB
+behind (``outbound_buffer_bytes``): the test process that reads for them
+shares two busy cores with the broker and the flood, and a reader starved
+longer than its buffer allows is rightly a slow consumer.
 """
 from __future__ import annotations
 
@@ -19,9 +22,13 @@ SHARDS = 2
 FLOOD = 400
 
 
-def test_a_flood_of_non_readers_stays_within_the_budget_and_healthy_clients_get_everything(broker_factory):
+def test_a_flood_of_non_readers_stays_within_the_budget_and_healthy_clients_get_everything(
+        broker_factory, tmp_path):
     budget = idle_budget_mb(SHARDS)
-    broker = broker_factory("--shards", str(SHARDS), "--allow-anonymous", "--memory-limit-mb", str(budget))
+    config = tmp_path / "flood.toml"
+    config.write_text("[limits]\noutbound_buffer_bytes = 8388608\n")
+    broker = broker_factory("--shards", str(SHARDS), "--allow-anonymous", "--memory-limit-mb", str(budget),
+                            "--config", str(config))
     figures = run_flood(broker, budget, SHARDS, flood=FLOOD, seconds=10.0, rate=100.0)
     print("\n" + figures.summary())
 
@@ -35,7 +42,7 @@ def test_a_flood_of_non_readers_stays_within_the_budget_and_healthy_clients_get_
     assert figures.memory_cuts > 0
     assert figures.memory_cuts + figures.slow_consumers >= FLOOD
     assert "open" not in figures.close_frames, figures.close_frames  # every sampled flood socket was ended
-    # Level 3 refused new upgrades with a 503 and a JSON body.
+    # Level 3 refused new upgrades (the flood coming back) with a 503 and a JSON body.
     assert figures.level3_seen and figures.level3_refusals, figures.summary()
     assert all("memory budget" in error for error in figures.level3_refusals)
     assert figures.refused_memory >= len(figures.level3_refusals)
