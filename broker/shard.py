@@ -73,7 +73,7 @@ class Shard:
         self.outbound = OutboundTable(config.limits.outbound_buffer_bytes)
         self.sessions: list[Session | None] = []
         self._fds: dict[int, int] = {}     # cid -> dup'd socket the C flush writes to
-        self._held: set[int] = set()       # cids whose transport is paused (set_paused)
+        self._held: dict[int, float] = {}  # cid -> loop time its transport paused (set_paused)
         self._free_ids: list[int] = []
         self.endpoints: dict[str, WebSocketEndpoint] = {
             "/ws": NativeEndpoint(self),
@@ -175,16 +175,19 @@ class Shard:
     def set_paused(self, session: Session, paused: bool) -> None:
         if session.cid >= 0:
             self.outbound.set_paused(session.cid, paused)
-            if paused:
-                self._held.add(session.cid)
-            else:
-                self._held.discard(session.cid)
+            if not paused:
+                self._held.pop(session.cid, None)
+            elif session.cid not in self._held:
+                self._held[session.cid] = self.loop.time()
 
-    def held_back(self) -> list[Session]:
-        """Sessions whose transport holds unsent bytes (the client's kernel
-        buffers are full: it is not reading as fast as it is sent to)."""
+    def held_back(self, for_at_least: float = 0.0) -> list[Session]:
+        """Sessions whose transport has held unsent bytes for at least
+        ``for_at_least`` seconds (the client's kernel buffers are full: it
+        is not reading as fast as it is sent to)."""
         sessions = self.sessions
-        return [s for cid in self._held if (s := sessions[cid]) is not None and not s.closing]
+        since = self.loop.time() - for_at_least
+        return [s for cid, paused_at in self._held.items()
+                if paused_at <= since and (s := sessions[cid]) is not None and not s.closing]
 
     def close_session(self, session: Session) -> None:
         """The close is under way: nothing more is delivered to or queued for it."""
@@ -200,7 +203,7 @@ class Shard:
             return
         self.close_session(session)
         session.cid = -1
-        self._held.discard(cid)
+        self._held.pop(cid, None)
         fd = self._fds.pop(cid, -1)
         if fd >= 0:
             os.close(fd)

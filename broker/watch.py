@@ -35,6 +35,11 @@ log = logging.getLogger("broker.watch")
 
 TICK = 1.0  # seconds between liveness/expiry checks
 
+# A connection is a candidate for a level-2 cut once its transport has held
+# unsent bytes this long: a reader whose socket a burst filled drains it as
+# soon as the loop turns; one that does not read stays held.
+HELD_FOR = 0.05
+
 # Descriptors kept free for plain HTTP (/healthz, /readyz, the API), the
 # journal, ZeroMQ and the handoffs, whatever the WebSockets take.
 FD_RESERVE = 64
@@ -93,8 +98,8 @@ class Watched(Protocol):
         """Bytes queued for ``session``."""
         ...
 
-    def held_back(self) -> list[Session]:
-        """Open sessions whose transport holds unsent bytes."""
+    def held_back(self, for_at_least: float = 0.0) -> list[Session]:
+        """Open sessions whose transport has held unsent bytes that long."""
         ...
 
     def flush_now(self) -> int:
@@ -238,13 +243,14 @@ class Watch:
         transport holds unsent bytes), the ones with the most pending bytes
         go first (1013): at each check, as many as hold the excess of RSS
         over the level-2 threshold, and at least a tenth of them, among
-        those holding at least a quarter of what the heaviest holds. A client
-        that reads what it is sent is never cut: its bytes go out at the
-        next flush. The cut ones' queued bytes are dropped and their sockets
+        those holding at least a quarter of what the heaviest holds and
+        held back for ``HELD_FOR`` seconds. A client that reads what it is
+        sent is not cut: its bytes go out at the next flush, or as soon as
+        the loop turns after a burst filled its socket. The cut ones' queued bytes are dropped and their sockets
         closed at once: a client that does not read would hold them until
         the close grace ends."""
         shard = self.shard
-        loaded = [(shard.pending_bytes(s), s) for s in shard.held_back()]
+        loaded = [(shard.pending_bytes(s), s) for s in shard.held_back(HELD_FOR)]
         if not loaded:
             return 0
         loaded.sort(key=lambda item: item[0], reverse=True)
