@@ -25,7 +25,7 @@ from typing import Any, TextIO
 import psutil
 
 from . import stats
-from .targets import Target
+from .targets import Target, process_cpu_seconds
 from .worker import (SLOT_CONNECTED, SLOT_DISCONNECTS, SLOT_FAILED, SLOT_PUBLISHED, SLOT_RECEIVED, SLOTS,
                      publisher_main, raise_nofile_limit, receiver_main)
 
@@ -182,8 +182,7 @@ class _Workers:
         total = 0.0
         for proc, _ in self.all:
             try:
-                t = psutil.Process(proc.pid).cpu_times()
-                total += t.user + t.system
+                total += process_cpu_seconds(psutil.Process(proc.pid))
             except psutil.Error:
                 pass
         return total

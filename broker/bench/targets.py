@@ -22,6 +22,25 @@ import psutil
 
 from broker.testing import BrokerProcess, free_port
 
+
+def process_cpu_seconds(proc: psutil.Process) -> float:
+    """user+system seconds of one process, to the nanosecond where Linux says.
+
+    /proc/PID/stat counts in clock ticks (10 ms): a short run of a fast
+    server can round to zero. The scheduler's per-thread run time
+    (/proc/PID/task/*/schedstat, ns) is exact but forgets threads that
+    ended, so the larger of the two is taken."""
+    times = proc.cpu_times()
+    coarse = times.user + times.system
+    exact = 0
+    try:
+        for task in os.listdir(f"/proc/{proc.pid}/task"):
+            with open(f"/proc/{proc.pid}/task/{task}/schedstat") as f:
+                exact += int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return coarse
+    return max(coarse, exact / 1e9)
+
 __all__ = ["Target", "ProcessTree", "spawn_broker", "spawn_baseline", "attach", "BASELINES", "baselines_dir",
            "SOCKETIO_QUERY", "socketio_url"]
 
@@ -65,8 +84,7 @@ class ProcessTree:
         total = 0.0
         for proc in self.processes():
             try:
-                times = proc.cpu_times()
-                value = times.user + times.system
+                value = process_cpu_seconds(proc)
                 self._last_cpu[proc.pid] = value
             except psutil.Error:
                 value = self._last_cpu.get(proc.pid, 0.0)
