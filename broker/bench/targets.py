@@ -199,14 +199,23 @@ def spawn_broker(shards: int = 1, api_key: str = "bench-key", jwt_secret: str = 
     return Target("broker", proc.ws_url, proc.url, proc.process.pid, spawned=proc, log_path=log_path)
 
 
-def _npm_ci(folder: Path) -> None:
-    """The Node baseline's packages, installed once from its lockfile."""
-    if (folder / "node_modules").is_dir():
-        return
-    result = subprocess.run(["npm", "ci", "--no-audit", "--no-fund", "--loglevel=error"], cwd=folder,
-                            capture_output=True, text=True, timeout=300)
-    if result.returncode != 0:
-        raise RuntimeError(f"npm ci in {folder} failed: {result.stderr[-500:]}")
+def npm_ci(folder: Path) -> None:
+    """A folder's npm packages, installed once from its lockfile (``npm
+    install`` without one). A file lock makes concurrent callers (parallel
+    test workers, two bench runs) wait for one install instead of racing
+    in the same node_modules."""
+    import fcntl
+
+    with open(folder / ".npm-install.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (folder / "node_modules").is_dir():
+            return
+        command = ["npm", "ci" if (folder / "package-lock.json").exists() else "install",
+                   "--no-audit", "--no-fund", "--loglevel=error"]
+        result = subprocess.run(command, cwd=folder, capture_output=True, text=True, timeout=300)
+        if result.returncode != 0:
+            raise RuntimeError(f"{' '.join(command)} in {folder} failed ({result.returncode}): "
+                               f"{result.stderr[-2000:]}")
 
 
 def spawn_baseline(kind: str, log_path: str | None = None, timeout: float = 20.0) -> Target:
@@ -217,7 +226,7 @@ def spawn_baseline(kind: str, log_path: str | None = None, timeout: float = 20.0
     node = kind == "socketio-node"
     script = baselines_dir() / ("socketio_server.js" if node else f"{kind}_server.py")
     if node:
-        _npm_ci(baselines_dir())
+        npm_ci(baselines_dir())
     if not script.exists():
         raise FileNotFoundError(f"{script} not found (run from a source checkout, or set BROKER_BENCH_BASELINES)")
     ws_port, http_port = free_port(), free_port()
