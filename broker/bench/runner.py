@@ -29,6 +29,9 @@ from .targets import Target
 from .worker import (SLOT_CONNECTED, SLOT_DISCONNECTS, SLOT_FAILED, SLOT_PUBLISHED, SLOT_RECEIVED, SLOTS,
                      publisher_main, raise_nofile_limit, receiver_main)
 
+#: targets that are the broker through its native endpoint (they have the backend stream)
+BROKER_NATIVE = ("broker", "broker-redis")
+
 __all__ = ["Workload", "WORKLOADS", "workload", "RunOptions", "run_workload", "report_document"]
 
 
@@ -273,7 +276,7 @@ def run_workload(target: Target, w: Workload, opts: RunOptions) -> dict[str, Any
                 publisher_main, {"http_host": host, "http_port": port, "api_key": opts.api_key,
                                  "streams": streams, "budget": budget,
                                  # the baselines have no backend stream: they keep HTTP
-                                 "publish_over": opts.publish_over if target.name == "broker" else "http"},
+                                 "publish_over": opts.publish_over if target.name in BROKER_NATIVE else "http"},
                 n_workers)
         for _, pipe in workers.all:
             workers.pids.append(_expect(pipe, "ready", 60))
@@ -315,6 +318,7 @@ def run_workload(target: Target, w: Workload, opts: RunOptions) -> dict[str, Any
         # -- publish ---------------------------------------------------------------
         if streams and workers.publisher is not None:
             cpu1 = target.tree.cpu_seconds()
+            redis_cpu1 = target.redis.tree.cpu_seconds() if target.redis is not None else None
             gen0 = workers.cpu_seconds()
             pub_pipe = workers.publisher[1]
             pub_budget = w.duration + 30
@@ -345,6 +349,8 @@ def run_workload(target: Target, w: Workload, opts: RunOptions) -> dict[str, Any
             for _, pipe in workers.receivers:
                 reports.append(_expect(pipe, "report", opts.drain_timeout + 30))
             result["server_cpu_seconds"] = round(target.tree.cpu_seconds() - cpu1, 3)
+            if target.redis is not None and redis_cpu1 is not None:
+                result["redis_cpu_seconds"] = round(target.redis.tree.cpu_seconds() - redis_cpu1, 3)
             counts = stats.merge_counts(r["counts"] for r in reports)
             result["deliveries_expected"] = counts.get("expected", 0)
             result["deliveries_received"] = counts.get("received", 0)

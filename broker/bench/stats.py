@@ -54,6 +54,7 @@ RESULT_FIELDS: tuple[str, ...] = (
     "server_processes",
     "server_cpu_seconds",          # publish phase (+ drain), user+system over the process tree
     "server_cpu_seconds_connect",  # connect phase
+    "redis_cpu_seconds",           # publish phase, the redis-server a broker-redis run started (else null)
     "rss_before_bytes",
     "rss_connected_bytes",
     "peak_rss_bytes",
