@@ -11,7 +11,7 @@ import click
 
 __all__ = ["bench"]
 
-WORKLOAD_NAMES = ("w1-1k", "w1-5k", "w2", "w3", "mixed")
+WORKLOAD_NAMES = ("w1-1k", "w1-5k", "w2", "w3", "mixed", "flood")
 TARGET_NAMES = ("broker", "picows", "websockets", "broker-socketio", "socketio-node", "broker-redis")
 COMPARE_NAMES = ("broker", "picows", "websockets")   # --compare without --targets
 
@@ -85,6 +85,8 @@ def bench(workloads: tuple[str, ...], connections: int | None, rate: float | Non
       w2             5,000 connections each on user:<i>, 2,000 pub/s to random users
       w3             5,000 connects as fast as possible; RSS per connection
       mixed          1,000 on bill:1 + 1,000 users, 50 + 500 pub/s at once
+      flood          10 on bill:1; publications as fast as 64 publisher
+                     connections get answers, for 10 s (pub/s a host takes)
     """
     from broker.bench.report import run_bench  # lazy: heavy imports only when benching
 
