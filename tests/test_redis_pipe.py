@@ -3,7 +3,6 @@ replies matched to their batches in order (hiredis's parser and the
 Python one), errors per call, and a Redis that stops answering."""
 from __future__ import annotations
 
-import asyncio
 
 import pytest
 from redis.asyncio import Redis
