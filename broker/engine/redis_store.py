@@ -264,7 +264,11 @@ class RedisStore:
         self._queue: list[_Call] = []
         self._pipes: dict[str, Pipe] = {}  # pipelined script calls, per node ("": the single Redis)
         self._flush_scheduled = False
-        self._epoch = secrets.token_hex(6)  # epoch candidate of the batch being gathered
+        # Epoch candidates: random per process, then a counter per batch (unique
+        # without a random draw per loop turn).
+        self._epoch_base = secrets.token_hex(6)
+        self._epoch_serial = 0
+        self._epoch = self._epoch_base + "0"  # epoch candidate of the batch being gathered
         self._tasks: set[asyncio.Task[Any]] = set()
         self._watcher: asyncio.Task[None] | None = None
         self._nodes: dict[str, Redis] = {}  # cluster: a plain client per primary, for pipelines
@@ -330,7 +334,8 @@ class RedisStore:
         self._flush_scheduled = False
         # A fresh epoch candidate per batch: used only by channels the batch
         # creates, so no channel ever gets an epoch it had before.
-        self._epoch = secrets.token_hex(6)
+        self._epoch_serial += 1
+        self._epoch = f"{self._epoch_base}{self._epoch_serial:x}"
         batch, self._queue = self._queue, []
         if batch:
             self._send(batch)
