@@ -22,7 +22,7 @@ from typing import Any
 
 from redis.exceptions import ResponseError
 
-__all__ = ["Pipe", "Reader"]
+__all__ = ["Pipe", "Reader", "adopt"]
 
 _HiredisReader: Any
 try:
@@ -91,6 +91,28 @@ def Reader() -> Any:
     return _PyReader()
 
 
+async def adopt(make_connection: Callable[[], Any], protocol: asyncio.Protocol,
+                timeout: float) -> tuple[asyncio.Transport, Any]:
+    """Open a connection with redis-py (TLS, AUTH, SELECT: whatever the URL
+    asks for), then hand its transport to ``protocol``. Returns the
+    transport and an object to keep while it is in use (redis-py's stream
+    writer, whose ``__del__`` would close it)."""
+    conn = make_connection()
+    try:
+        await asyncio.wait_for(conn.connect(), timeout)
+    except BaseException:
+        try:
+            await conn.disconnect()
+        except Exception:
+            pass
+        raise
+    writer = conn._writer
+    conn._reader = conn._writer = None  # ours from here on: redis-py must not close it
+    transport: asyncio.Transport = writer.transport
+    transport.set_protocol(protocol)
+    return transport, writer
+
+
 class _Batch:
     __slots__ = ("count", "replies", "future", "sent")
 
@@ -134,25 +156,15 @@ class Pipe(asyncio.Protocol):
         return future
 
     async def _open(self, make_connection: Callable[[], Any]) -> None:
-        conn = make_connection()
         try:
-            await asyncio.wait_for(conn.connect(), self.timeout)
+            transport, self._keep = await adopt(make_connection, self, self.timeout)
         except Exception as exc:  # unreachable, refused, bad password, TLS: every waiting call fails
             self.fail(ConnectionError(f"cannot connect to Redis {self.name}: {exc or type(exc).__name__}"))
-            try:
-                await conn.disconnect()
-            except Exception:
-                pass
             return
-        writer = conn._writer
-        conn._reader = conn._writer = None  # ours from here on: redis-py must not close it
-        transport = writer.transport
         if self.closed:
             transport.close()
             return
-        self._keep = writer
         self.transport = transport
-        transport.set_protocol(self)
         if self._unsent:
             transport.write(b"".join(self._unsent))
             self._unsent.clear()
