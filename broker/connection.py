@@ -19,7 +19,6 @@ import asyncio
 import collections
 import functools
 import logging
-import os
 import socket
 from typing import Any, Protocol as Interface
 from collections.abc import Callable, Coroutine
@@ -172,14 +171,14 @@ class Connection(asyncio.Protocol):
         if self.handler is not None:
             self.handler.wire_paused(False)
 
-    def dup_fd(self) -> int:
-        """A dup of the socket for the shard's direct flush (-1 without one).
-
-        The dup stays valid until the shard closes it after the connection
-        is gone, so a socket number reused by a new connection in between is
-        never written to by mistake."""
+    def socket_fd(self) -> int:
+        """The socket's own descriptor for the shard's direct flush (-1
+        without one). The shard never closes it; the transport closes it only
+        after ``connection_lost`` returns, and every session forgets it
+        there (or earlier, at ``wire_closing``), so a number reused by a new
+        connection is never written to by mistake."""
         sock = self.transport.get_extra_info("socket") if self.transport is not None else None
-        return os.dup(sock.fileno()) if sock is not None else -1
+        return sock.fileno() if sock is not None else -1
 
     def detach(self) -> socket.socket | None:
         """Give this TCP connection up to another process (a request for a
@@ -187,7 +186,8 @@ class Connection(asyncio.Protocol):
         send on, and close, while this side lets go without a FIN or RST (a
         closed fd whose socket has another reference does not end it).
         None where it cannot move: TLS (its state is in this process), an
-        upgraded connection, no socket."""
+        upgraded connection, no socket. Only a connection that was never
+        upgraded moves, so no C flush holds its descriptor."""
         transport = self.transport
         if transport is None or self.ws is not None or is_tls(transport):
             return None
