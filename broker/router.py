@@ -58,6 +58,8 @@ _zget = zmq.backend.Socket.get
 _NB = int(zmq.NOBLOCK)
 _MORE_NB = int(zmq.SNDMORE) | _NB
 _RCVMORE = int(zmq.RCVMORE)
+_EVENTS = int(zmq.EVENTS)
+_POLLIN = int(zmq.POLLIN)
 
 
 def send_frames(sock: zmq.Socket[bytes], frames: list[bytes]) -> None:
@@ -146,9 +148,7 @@ class Drain:
         if sock.closed:
             return
         try:
-            # Until EAGAIN: a recv that finds nothing has processed the
-            # socket's commands, which re-arms the edge-triggered FD.
-            while True:
+            while _zget(sock, _EVENTS) & _POLLIN:
                 handler(recv_frames(sock))
         except zmq.Again:
             pass
