@@ -148,7 +148,7 @@ class Drain:
         if sock.closed:
             return
         try:
-            while _zget(sock, _EVENTS) & _POLLIN:
+            while cast(int, _zget(sock, _EVENTS)) & _POLLIN:  # EVENTS is an int option
                 handler(recv_frames(sock))
         except zmq.Again:
             pass
