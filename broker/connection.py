@@ -300,13 +300,16 @@ class Connection(asyncio.Protocol):
                       lambda response, error: self._answer(request, response, error))
 
     def _request(self, keep_alive: bool) -> Request:
-        url = httptools.parse_url(self._url) if self._url else None
-        path = url.path.decode("latin-1") if url and url.path else "/"
-        query = url.query.decode("latin-1") if url and url.query else ""
+        raw = self._url
+        if raw[:1] == b"/" and b"?" not in raw and b"#" not in raw:
+            path, query = raw.decode("latin-1"), ""  # the usual origin-form path: no parser needed
+        else:
+            url = httptools.parse_url(raw) if raw else None
+            path = url.path.decode("latin-1") if url and url.path else "/"
+            query = url.query.decode("latin-1") if url and url.query else ""
         method = self.parser.get_method().decode() if self.parser else "GET"
-        peer = self.transport.get_extra_info("peername") if self.transport is not None else None
-        return Request(method, path, query, self._headers, b"".join(self._body), keep_alive,
-                       peer[0] if peer else "", self)
+        body = self._body[0] if len(self._body) == 1 else b"".join(self._body)
+        return Request(method, path, query, self._headers, body, keep_alive, self.ip, self)
 
     # One queue of work per connection (HTTP requests, WebSocket messages):
     # handled strictly in order, each eagerly; only work that suspends (a
