@@ -19,7 +19,6 @@ import asyncio
 import collections
 import functools
 import logging
-import os
 import socket
 from typing import Any, Protocol as Interface
 from collections.abc import Callable, Coroutine
@@ -172,14 +171,14 @@ class Connection(asyncio.Protocol):
         if self.handler is not None:
             self.handler.wire_paused(False)
 
-    def dup_fd(self) -> int:
-        """A dup of the socket for the shard's direct flush (-1 without one).
-
-        The dup stays valid until the shard closes it after the connection
-        is gone, so a socket number reused by a new connection in between is
-        never written to by mistake."""
+    def socket_fd(self) -> int:
+        """The socket's own descriptor for the shard's direct flush (-1
+        without one). The shard never closes it; the transport closes it only
+        after ``connection_lost`` returns, and every session forgets it
+        there (or earlier, at ``wire_closing``), so a number reused by a new
+        connection is never written to by mistake."""
         sock = self.transport.get_extra_info("socket") if self.transport is not None else None
-        return os.dup(sock.fileno()) if sock is not None else -1
+        return sock.fileno() if sock is not None else -1
 
     def detach(self) -> socket.socket | None:
         """Give this TCP connection up to another process (a request for a
@@ -187,7 +186,8 @@ class Connection(asyncio.Protocol):
         send on, and close, while this side lets go without a FIN or RST (a
         closed fd whose socket has another reference does not end it).
         None where it cannot move: TLS (its state is in this process), an
-        upgraded connection, no socket."""
+        upgraded connection, no socket. Only a connection that was never
+        upgraded moves, so no C flush holds its descriptor."""
         transport = self.transport
         if transport is None or self.ws is not None or is_tls(transport):
             return None
@@ -300,13 +300,16 @@ class Connection(asyncio.Protocol):
                       lambda response, error: self._answer(request, response, error))
 
     def _request(self, keep_alive: bool) -> Request:
-        url = httptools.parse_url(self._url) if self._url else None
-        path = url.path.decode("latin-1") if url and url.path else "/"
-        query = url.query.decode("latin-1") if url and url.query else ""
+        raw = self._url
+        if raw[:1] == b"/" and b"?" not in raw and b"#" not in raw:
+            path, query = raw.decode("latin-1"), ""  # the usual origin-form path: no parser needed
+        else:
+            url = httptools.parse_url(raw) if raw else None
+            path = url.path.decode("latin-1") if url and url.path else "/"
+            query = url.query.decode("latin-1") if url and url.query else ""
         method = self.parser.get_method().decode() if self.parser else "GET"
-        peer = self.transport.get_extra_info("peername") if self.transport is not None else None
-        return Request(method, path, query, self._headers, b"".join(self._body), keep_alive,
-                       peer[0] if peer else "", self)
+        body = self._body[0] if len(self._body) == 1 else b"".join(self._body)
+        return Request(method, path, query, self._headers, body, keep_alive, self.ip, self)
 
     # One queue of work per connection (HTTP requests, WebSocket messages):
     # handled strictly in order, each eagerly; only work that suspends (a

@@ -36,7 +36,7 @@ __all__ = ["Generation", "ShardProcess", "make_endpoints", "snapshot_code", "des
 
 log = logging.getLogger("broker.generations")
 
-QUICK_DEATH = 10.0  # a shard dying sooner than this after start counts as a crash loop
+QUICK_DEATH = 10.0  # a shard dying sooner than this after it got ready counts as a crash loop
 
 
 def make_endpoints(transport: str, run_dir: str, shards: int) -> Endpoints:
@@ -79,6 +79,7 @@ class ShardProcess:
     up: bool = False
     booted: bool = False
     started: float = 0.0
+    ready_at: float | None = None   # when it last said ready (None: not since its start)
     restarts: int = 0
     quick_deaths: int = 0
     restart_at: float | None = None
@@ -151,6 +152,7 @@ class Generation:
         shard.up = shard.booted = shard.fenced = shard.migrated = False
         shard.health = None
         shard.started = time.monotonic()
+        shard.ready_at = None
         shard.restart_at = None
         self.status_dirty = True
         log.info("generation %d: shard %d started (pid %d)", self.number, shard.id, shard.pid)
@@ -184,7 +186,10 @@ class Generation:
         shard.up = False
         shard.exit_codes.append(code)
         self.status_dirty = True
-        shard.quick_deaths = shard.quick_deaths + 1 if lived < QUICK_DEATH else 0
+        # Quick means it never got ready, or died soon after: a slow start on a
+        # loaded machine is not a healthy run.
+        served = 0.0 if shard.ready_at is None else now - shard.ready_at
+        shard.quick_deaths = shard.quick_deaths + 1 if served < QUICK_DEATH else 0
         if not self.restart_dead:
             log.error("generation %d: shard %d (pid %d) %s after %.1fs", self.number, shard.id,
                       shard.pid, describe_exit(code), lived)

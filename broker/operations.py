@@ -85,6 +85,7 @@ class Operator:
                 return  # a late word from a dead predecessor
             if key == "ready":
                 shard.up = shard.booted = True
+                shard.ready_at = time.monotonic()
                 generation.status_dirty = True
                 log.info("generation %d: shard %d (pid %d) ready", generation.number, shard.id, shard.pid)
                 self._forget_leftover(generation)

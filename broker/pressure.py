@@ -335,13 +335,16 @@ def liveness(last_received: float, pinged_at: float | None, now: float,
     """What to do with a connection that last sent a frame at
     ``last_received`` and was last pinged at ``pinged_at`` (None: never).
 
-    A ping older than the last received frame was answered (any frame
-    counts), so the caller need not reset ``pinged_at`` on receipt.
+    A ping not newer than the last received frame was answered (any frame
+    counts), so the caller need not reset ``pinged_at`` on receipt. Equal
+    times count as answered: the loop's clock is coarse (uvloop reads a
+    millisecond clock once per iteration), and a loopback pong often comes
+    back within the same reading as its ping.
     Silence of ``interval`` seconds: ping; ``timeout`` more after the ping:
     drop. A late check still pings first, so a client always gets its full
     ``timeout`` to answer.
     """
-    if pinged_at is not None and pinged_at >= last_received:
+    if pinged_at is not None and pinged_at > last_received:
         return Liveness.DROP if now - pinged_at >= timeout else Liveness.NOTHING
     return Liveness.PING if now - last_received >= interval else Liveness.NOTHING
 
@@ -351,7 +354,7 @@ def next_liveness_check(last_received: float, pinged_at: float | None,
     """When (same clock as the arguments) ``liveness`` can next say
     something other than NOTHING: a timer for one connection, or the
     earliest of many for a sweep."""
-    if pinged_at is not None and pinged_at >= last_received:
+    if pinged_at is not None and pinged_at > last_received:
         return pinged_at + timeout
     return last_received + interval
 

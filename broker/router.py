@@ -48,6 +48,60 @@ OK = b"ok"
 ERR = b"err"
 
 
+# pyzmq's send_multipart / recv_multipart cost about as much again as the
+# sends themselves (type checks, enum flag arithmetic, one getsockopt per
+# frame through the sugar layer): the hot path calls the compiled socket
+# methods with plain int flags instead.
+_zsend = zmq.backend.Socket.send
+_zrecv = zmq.backend.Socket.recv
+_zget = zmq.backend.Socket.get
+_NB = int(zmq.NOBLOCK)
+_MORE_NB = int(zmq.SNDMORE) | _NB
+_RCVMORE = int(zmq.RCVMORE)
+_EVENTS = int(zmq.EVENTS)
+_POLLIN = int(zmq.POLLIN)
+
+
+def send_frames(sock: zmq.Socket[bytes], frames: list[bytes]) -> None:
+    """``send_multipart(frames, NOBLOCK)``: all frames or zmq.Again."""
+    last = len(frames) - 1
+    for i in range(last):
+        _zsend(sock, frames[i], _MORE_NB)
+    _zsend(sock, frames[last], _NB)
+
+
+def recv_frames(sock: zmq.Socket[bytes]) -> list[bytes]:
+    """``recv_multipart(NOBLOCK)``: one whole message, or zmq.Again."""
+    frames = [_zrecv(sock, _NB)]
+    while _zget(sock, _RCVMORE):
+        frames.append(_zrecv(sock, _NB))
+    return frames
+
+
+def _batch(messages: list[list[bytes]]) -> list[bytes]:
+    """One message as itself; several as one: an empty frame, then each
+    message's frame count and frames (a request id is never empty)."""
+    if len(messages) == 1:
+        return messages[0]
+    frames = [b""]
+    for message in messages:
+        frames.append(b"%d" % len(message))
+        frames += message
+    return frames
+
+
+def _unbatch(frames: list[bytes]) -> list[list[bytes]]:
+    """The messages of ``_batch``'s output."""
+    if frames[0] != b"":
+        return [frames]
+    messages, i = [], 1
+    while i < len(frames):
+        n = int(frames[i])
+        messages.append(frames[i + 1:i + 1 + n])
+        i += 1 + n
+    return messages
+
+
 def topic_of(channel: str) -> bytes:
     """The channel's topic: NUL-terminated so ``bill:1`` never matches ``bill:10``."""
     return channel.encode() + b"\x00"
@@ -77,8 +131,9 @@ class Drain:
     state may have changed unseen, so senders call ``kick()``."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, sock: zmq.Socket[bytes],
-                 handler: Callable[[list[bytes]], None]) -> None:
-        self.loop, self.sock, self.handler = loop, sock, handler
+                 handler: Callable[[list[bytes]], None],
+                 after: Callable[[], None] | None = None) -> None:
+        self.loop, self.sock, self.handler, self.after = loop, sock, handler, after
         self._scheduled = False
         loop.add_reader(cast(int, sock.getsockopt(zmq.FD)), self.run)  # FD and EVENTS are int options
 
@@ -93,12 +148,14 @@ class Drain:
         if sock.closed:
             return
         try:
-            while cast(int, sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
-                handler(sock.recv_multipart(zmq.NOBLOCK))
+            while cast(int, _zget(sock, _EVENTS)) & _POLLIN:  # EVENTS is an int option
+                handler(recv_frames(sock))
         except zmq.Again:
             pass
         except zmq.ZMQError as exc:  # pragma: no cover - socket closed under us
             log.debug("drain stopped: %s", exc)
+        if self.after is not None:
+            self.after()  # what the handled messages produced goes out in one batch
 
     def close(self) -> None:
         try:
@@ -107,6 +164,7 @@ class Drain:
             pass
 
 
+UNREACHABLE_RETRY = 0.05  # seconds between tries to send requests to a peer that is not connected
 RESEND_DELAY = 0.005  # seconds before publications that met a full pipe are tried again
 BACKLOG_LIMIT = 100000  # publications waiting for a full pipe before they are dropped (and repaired)
 
@@ -131,7 +189,7 @@ class Router:
         # followers, who see the jump, repair it and drop the duplicate.
         self._backlog: collections.deque[list[bytes]] = collections.deque()
         self._unsent: dict[bytes, list[bytes]] = {}
-        self._resend: asyncio.TimerHandle | None = None
+        self._resend: asyncio.Handle | None = None
         self.remote_topics: set[bytes] = set()  # topics some other shard subscribed to
         # callbacks set by the cluster engine / shard
         self.on_publication: Callable[[bytes, bytes, int, bytes], None] = lambda *a: None
@@ -174,7 +232,10 @@ class Router:
         self._nonce = itertools.count(int.from_bytes(os.urandom(4), "big") << 20)
         self._sub_drain = Drain(loop, self.sub, self._on_sub)
         self._xpub_drain = Drain(loop, self.xpub, self._on_xpub)
-        self._router_drain = Drain(loop, self.router, self._on_router)
+        self._outbox: dict[int, list[tuple[list[bytes], float, asyncio.Future[list[bytes]]]]] = {}
+        self._send_handle: asyncio.Handle | None = None
+        self._replies: dict[bytes, list[list[bytes]]] = {}
+        self._router_drain = Drain(loop, self.router, self._on_router, self._send_replies)
         self._reply_drains = {peer: Drain(loop, dealer, self._on_reply)
                               for peer, dealer in self.dealers.items()}
         self._drains = [self._sub_drain, self._xpub_drain, self._router_drain,
@@ -189,6 +250,9 @@ class Router:
         return sock
 
     def close(self) -> None:
+        if self._send_handle is not None:
+            self._send_handle.cancel()
+            self._send_handle = None
         if self._resend is not None:
             self._resend.cancel()
             self._resend = None
@@ -207,22 +271,15 @@ class Router:
         if topic not in self.remote_topics:
             return  # no other shard subscribed: skip ZeroMQ altogether
         message = [topic, epoch.encode(), b"%d" % offset, data]
-        if not self._backlog:
-            try:
-                self.xpub.send_multipart(message, zmq.NOBLOCK)
-                self._unsent.pop(topic, None)  # a later offset went out: followers see any gap
-                self._xpub_drain.kick()
-                return
-            except zmq.Again:
-                pass
+        # Sent at the end of the loop turn with the turn's other
+        # publications: back to back, they wake ZeroMQ's I/O thread once.
         if len(self._backlog) < BACKLOG_LIMIT:
             self._backlog.append(message)
         else:
             self.hwm_drops += 1  # the receiving shard repairs the gap from history
             self._unsent[topic] = message
         if self._resend is None:
-            self._resend = self.loop.call_later(RESEND_DELAY, self._send_waiting)
-        self._xpub_drain.kick()
+            self._resend = self.loop.call_soon(self._send_waiting)
 
     def _send_waiting(self) -> None:
         """Send what waits (the backlog in order, then dropped tails) until
@@ -230,11 +287,11 @@ class Router:
         self._resend = None
         try:
             while self._backlog:
-                self.xpub.send_multipart(self._backlog[0], zmq.NOBLOCK)
+                send_frames(self.xpub, self._backlog[0])
                 self._unsent.pop(self._backlog.popleft()[0], None)
             for topic, message in list(self._unsent.items()):
                 if topic in self.remote_topics:
-                    self.xpub.send_multipart(message, zmq.NOBLOCK)
+                    send_frames(self.xpub, message)
                 del self._unsent[topic]
         except zmq.Again:
             pass
@@ -329,6 +386,12 @@ class Router:
         self._xpub_drain.kick()
 
     # ------------------------------------------------------------- requests
+    # Requests to a peer and replies to a peer are sent once per loop turn:
+    # what one turn produced for one peer goes out as ONE ZeroMQ message (a
+    # batch: an empty first frame, then each message as its frame count and
+    # its frames), so a busy shard wakes the ZeroMQ threads and the peer
+    # once per turn, not once per publication. Both ends run the same code
+    # (requests never cross generations).
     async def request(self, peer: int, verb: bytes, *args: bytes,
                       timeout: float | None = None) -> list[bytes]:
         """Send a request to ``peer`` and wait for its answer; EngineUnavailable
@@ -336,49 +399,88 @@ class Router:
         timeout = self.request_timeout if timeout is None else timeout
         deadline = time.time() + timeout
         request_id = b"%d" % next(self._ids)
-        message = [request_id, verb, b"%.3f" % deadline, *args]
-        dealer = self.dealers[peer]
-        while True:
-            try:
-                dealer.send_multipart(message, zmq.NOBLOCK)
-                break
-            except zmq.Again:  # not connected (peer down or restarting): retry until the deadline
-                if time.time() + 0.05 > deadline:
-                    self.requests_failed += 1
-                    raise EngineUnavailable(f"shard {peer} is unreachable") from None
-                await asyncio.sleep(0.05)
         future: asyncio.Future[list[bytes]] = self.loop.create_future()
         self._pending[request_id] = future
-        self._reply_drains[peer].kick()
+        self._outbox.setdefault(peer, []).append(([request_id, verb, b"%.3f" % deadline, *args], deadline, future))
+        if self._send_handle is None:
+            self._send_handle = self.loop.call_soon(self._send_requests)
+        timer = self.loop.call_later(timeout, self._expire, future, peer, timeout)
         try:
-            reply = await asyncio.wait_for(future, max(0.0, deadline - time.time()))
-        except TimeoutError:
-            self.requests_failed += 1
-            raise EngineUnavailable(f"shard {peer} did not answer in {timeout:.1f}s") from None
+            reply = await future
         finally:
+            timer.cancel()
             self._pending.pop(request_id, None)
         if reply[0] != OK:
             raise EngineUnavailable(reply[1].decode() if len(reply) > 1 else "request failed")
         return reply[1:]
 
+    def _expire(self, future: asyncio.Future[list[bytes]], peer: int, timeout: float) -> None:
+        if not future.done():
+            self.requests_failed += 1
+            future.set_exception(EngineUnavailable(f"shard {peer} did not answer in {timeout:.1f}s"))
+
+    def _send_requests(self) -> None:
+        """Send every peer's queued requests, one message per peer. A peer
+        that is not connected (down or restarting: IMMEDIATE refuses) keeps
+        its requests; they are tried again shortly until their deadline."""
+        self._send_handle = None
+        outbox, self._outbox = self._outbox, {}
+        retry = False
+        for peer, queued in outbox.items():
+            queued = [item for item in queued if not item[2].done()]  # expired or cancelled: never sent late
+            if not queued:
+                continue
+            try:
+                send_frames(self.dealers[peer], _batch([message for message, _, _ in queued]))
+            except zmq.Again:
+                late = time.time() + UNREACHABLE_RETRY
+                kept = []
+                for item in queued:
+                    if item[1] < late:
+                        self.requests_failed += 1
+                        item[2].set_exception(EngineUnavailable(f"shard {peer} is unreachable"))
+                    else:
+                        kept.append(item)
+                if kept:
+                    self._outbox.setdefault(peer, [])[:0] = kept  # before anything queued meanwhile
+                    retry = True
+                continue
+            self._reply_drains[peer].kick()
+        if retry and self._send_handle is None:
+            self._send_handle = self.loop.call_later(UNREACHABLE_RETRY, self._send_requests)
+
     def _on_reply(self, frames: list[bytes]) -> None:
-        future = self._pending.get(frames[0])
-        if future is not None and not future.done():
-            future.set_result(frames[1:])
+        for reply in _unbatch(frames):
+            future = self._pending.get(reply[0])
+            if future is not None and not future.done():
+                future.set_result(reply[1:])
 
     def _on_router(self, frames: list[bytes]) -> None:
-        identity, request_id, verb, deadline, *args = frames
-        if float(deadline) < time.time():
-            return  # the asker has given up (and answered 503): do not act late
-        try:
-            result = self.on_request(verb, args)
-        except Exception as exc:  # a bad request must not stop the drain loop
-            log.exception("request %r failed", verb)
-            result = [ERR, str(exc).encode()]
-        try:
-            self.router.send_multipart([identity, request_id, *result], zmq.NOBLOCK)
-        except zmq.ZMQError:
-            self.hwm_drops += 1
+        identity = frames[0]
+        now = time.time()
+        replies = self._replies.setdefault(identity, [])
+        for request_id, verb, deadline, *args in _unbatch(frames[1:]):
+            if float(deadline) < now:
+                continue  # the asker has given up (and answered 503): do not act late
+            try:
+                result = self.on_request(verb, args)
+            except Exception as exc:  # a bad request must not stop the drain loop
+                log.exception("request %r failed", verb)
+                result = [ERR, str(exc).encode()]
+            replies.append([request_id, *result])
+
+    def _send_replies(self) -> None:
+        """After a drain of the ROUTER: one message of replies per asker."""
+        if not self._replies:
+            return
+        replies, self._replies = self._replies, {}
+        for identity, batch in replies.items():
+            if not batch:
+                continue
+            try:
+                send_frames(self.router, [identity, *_batch(batch)])
+            except zmq.ZMQError:
+                self.hwm_drops += 1
         self._router_drain.kick()
 
     # ------------------------------------------------------------ supervisor

@@ -72,7 +72,6 @@ class Shard:
         self._tables: dict[Adapter, SubscriptionTable] = {}
         self.outbound = OutboundTable(config.limits.outbound_buffer_bytes)
         self.sessions: list[Session | None] = []
-        self._fds: dict[int, int] = {}     # cid -> dup'd socket the C flush writes to
         self._held: dict[int, float] = {}  # cid -> loop time its transport paused (set_paused)
         self._free_ids: list[int] = []
         self.endpoints: dict[str, WebSocketEndpoint] = {
@@ -151,7 +150,6 @@ class Shard:
             self.outbound.set_framing(cid, framing, window_bits)
         self.connections_total += 1
         if fd >= 0:
-            self._fds[cid] = fd
             self.outbound.set_fd(cid, fd)
 
     def set_framing(self, session: Session, framing: int, window_bits: int = 0) -> None:
@@ -159,18 +157,10 @@ class Shard:
             self.outbound.set_framing(session.cid, framing, window_bits)
 
     def set_fd(self, session: Session, fd: int) -> None:
-        """Let the C flush write to ``fd`` (a dup this shard closes later), or -1."""
-        cid = session.cid
-        if cid < 0:
-            if fd >= 0:
-                os.close(fd)
-            return
-        old = self._fds.pop(cid, -1)
-        if old >= 0:
-            os.close(old)
-        if fd >= 0:
-            self._fds[cid] = fd
-        self.outbound.set_fd(cid, fd)
+        """Let the C flush write to the session's socket ``fd`` (owned by its
+        transport, never closed here), or stop it (-1)."""
+        if session.cid >= 0 and self.outbound.is_open(session.cid):
+            self.outbound.set_fd(session.cid, fd)
 
     def set_paused(self, session: Session, paused: bool) -> None:
         if session.cid >= 0:
@@ -190,12 +180,13 @@ class Shard:
                 if paused_at <= since and (s := sessions[cid]) is not None and not s.closing]
 
     def close_session(self, session: Session) -> None:
-        """The close is under way: nothing more is delivered to or queued for it."""
+        """The close is under way: nothing more is delivered to or queued for
+        it, and the C flush forgets its socket (first: the transport may
+        close that socket as soon as this returns)."""
         session.closing = True
         if session.cid >= 0 and self.outbound.is_open(session.cid):
-            table = self._table(session.adapter)
-            self._forget(table.remove_connection(session.cid))
             self.outbound.close(session.cid)
+            self._forget(self._table(session.adapter).remove_connection(session.cid))
 
     def session_closed(self, session: Session) -> None:
         cid = session.cid
@@ -204,9 +195,6 @@ class Shard:
         self.close_session(session)
         session.cid = -1
         self._held.pop(cid, None)
-        fd = self._fds.pop(cid, -1)
-        if fd >= 0:
-            os.close(fd)
         self.sessions[cid] = None
         self._free_ids.append(cid)
 

@@ -43,8 +43,9 @@ HELD_FOR = 0.05
 # Descriptors kept free for plain HTTP (/healthz, /readyz, the API), the
 # journal, ZeroMQ and the handoffs, whatever the WebSockets take.
 FD_RESERVE = 64
-# A WebSocket holds its socket and the dup the C flush writes to.
-FDS_PER_WEBSOCKET = 2
+# A WebSocket holds one descriptor: its socket, which the C flush writes to
+# directly (the shard lends it, never dups it; see Shard.set_fd).
+FDS_PER_WEBSOCKET = 1
 
 
 def websocket_capacity(reserve: int = FD_RESERVE) -> int:
@@ -153,9 +154,9 @@ class Watch:
                                   headers=(("Retry-After", "5"),))
         if self.shard.websocket_count >= self.websocket_capacity:
             if self.fd_refusals.record(time.monotonic()):
-                log.warning("shard: %d file descriptors' worth of WebSockets (%d) reached; %d upgrades "
+                log.warning("shard: file descriptors' worth of WebSockets (%d, %d each) reached; %d upgrades "
                             "refused with 503 since the last report; raise the hard RLIMIT_NOFILE",
-                            FDS_PER_WEBSOCKET, self.websocket_capacity, self.fd_refusals.since_last_log())
+                            self.websocket_capacity, FDS_PER_WEBSOCKET, self.fd_refusals.since_last_log())
             return error_response(503, "out of file descriptors: no more WebSockets on this shard",
                                   headers=(("Retry-After", "5"),))
         limit = self.shard.config.limits.connections_per_ip

@@ -245,6 +245,14 @@ def test_any_frame_after_the_ping_counts_as_alive():
     assert liveness(126.0, 125.0, 151.0, 25, 20) is Liveness.PING
 
 
+def test_a_pong_read_at_the_same_clock_reading_as_its_ping_counts():
+    # uvloop's loop.time() has millisecond steps: a loopback pong often
+    # arrives at the same reading as the ping it answers.
+    assert liveness(125.0, 125.0, 145.0, 25, 20) is Liveness.NOTHING
+    assert liveness(125.0, 125.0, 150.0, 25, 20) is Liveness.PING
+    assert next_liveness_check(125.0, 125.0, 25, 20) == 150.0
+
+
 def test_a_late_check_pings_first_and_gives_the_full_timeout():
     assert liveness(0.0, None, 1000.0, 25, 20) is Liveness.PING
 

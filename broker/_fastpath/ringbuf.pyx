@@ -807,8 +807,9 @@ cdef class OutboundTable:
 
     def set_fd(self, cid, int fd):
         """Let ``flush`` write ``cid``'s frames to socket ``fd`` itself (-1:
-        the caller writes them, via ``take``). The fd must stay valid while
-        set: pass a dup() that the caller closes after ``close(cid)``."""
+        the caller writes them, via ``take``). The fd must stay open while
+        set: the caller sets -1 (or ``close(cid)``) before its socket can be
+        closed, or a reused number would get another connection's bytes."""
         self._get(cid).fd = fd
 
     def set_paused(self, cid, paused):

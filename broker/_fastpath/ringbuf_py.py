@@ -344,8 +344,9 @@ class OutboundTable:
 
     def set_fd(self, cid: int, fd: int) -> None:
         """Let ``flush`` write ``cid``'s frames to socket ``fd`` itself (-1:
-        the caller writes them, via ``take``). The fd must stay valid while
-        set: pass a dup() that the caller closes after ``close(cid)``."""
+        the caller writes them, via ``take``). The fd must stay open while
+        set: the caller sets -1 (or ``close(cid)``) before its socket can be
+        closed, or a reused number would get another connection's bytes."""
         self._get(cid)
         if fd < 0:
             self._fds.pop(_index(cid), None)

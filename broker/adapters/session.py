@@ -138,14 +138,17 @@ class SessionHost(Protocol):
                      window_bits: int = 0) -> None:
         """Give ``session`` a cid and an outbound buffer of a framing kind
         (``broker._fastpath.FRAMING_*``; ``window_bits`` > 0: permessage-deflate);
-        with ``fd`` (a dup of its socket, which the host closes in
-        ``session_closed``), the C flush writes its frames directly."""
+        with ``fd`` (its socket's own descriptor, which the host never
+        closes), the C flush writes its frames directly until
+        ``close_session`` or ``set_fd(session, -1)``: the session calls one
+        of them before its transport can close the socket."""
 
     def set_framing(self, session: Session, framing: int, window_bits: int = 0) -> None:
         """Change how the session's lines go out (polling → WebSocket)."""
 
     def set_fd(self, session: Session, fd: int) -> None:
-        """Give the C flush a new socket dup for the session (-1: none)."""
+        """Let the C flush write to socket ``fd`` for the session (-1: no
+        more; the host never closes ``fd``)."""
 
     def set_paused(self, session: Session, paused: bool) -> None:
         """The session's transport holds unsent bytes (True) or is empty again."""

@@ -40,10 +40,12 @@ class WebSocketSession(Session):
 
     def start(self) -> None:
         """Join the shard: the C flush writes this session's frames (plain or
-        compressed) to a dup of the socket itself, except through TLS, where
-        every byte must go through the transport (write_pending)."""
+        compressed) to the socket itself, except through TLS, where every
+        byte must go through the transport (write_pending). The shard forgets
+        that descriptor in ``wire_closing`` or ``wire_lost``, before the
+        transport closes it."""
         conn = self.conn
-        fd = -1 if conn.transport is None or is_tls(conn.transport) or not self._direct else conn.dup_fd()
+        fd = -1 if conn.transport is None or is_tls(conn.transport) or not self._direct else conn.socket_fd()
         self.host.open_session(self, fd=fd, framing=FRAMING_NATIVE,
                                window_bits=conn.window_bits if conn.deflate else 0)
         self.host.set_paused(self, conn.paused)

@@ -11,14 +11,15 @@ import click
 
 __all__ = ["bench"]
 
-WORKLOAD_NAMES = ("w1-1k", "w1-5k", "w2", "w3", "mixed")
-TARGET_NAMES = ("broker", "picows", "websockets", "broker-socketio", "socketio-node")
+WORKLOAD_NAMES = ("w1-1k", "w1-5k", "w2", "w3", "mixed", "flood")
+TARGET_NAMES = ("broker", "picows", "websockets", "broker-socketio", "socketio-node", "broker-redis")
 COMPARE_NAMES = ("broker", "picows", "websockets")   # --compare without --targets
 
 
-def _split_targets(value: str | None, compare: bool) -> list[str]:
+def _split_targets(value: str | None, compare: bool, redis: bool = False) -> list[str]:
     if value is None:
-        return list(COMPARE_NAMES) if compare else ["broker"]
+        names = list(COMPARE_NAMES) if compare else ["broker"]
+        return [*names, "broker-redis"] if redis else names
     names = [v.strip() for v in value.split(",") if v.strip()]
     bad = [n for n in names if n not in TARGET_NAMES]
     if bad or not names:
@@ -51,8 +52,9 @@ def _split_targets(value: str | None, compare: bool) -> list[str]:
               help="Also run the baselines (picows, websockets) under the same load; print ratios.")
 @click.option("--targets", "targets_opt", metavar="LIST",
               help="Comma-separated targets to run: broker,picows,websockets,broker-socketio (the broker through "
-                   "its Socket.IO endpoint),socketio-node (the Node socket.io server; needs node) "
-                   "[broker; the first three with --compare].")
+                   "its Socket.IO endpoint),socketio-node (the Node socket.io server; needs node),"
+                   "broker-redis (the broker on the Redis engine; see --redis) "
+                   "[broker; the first three with --compare; plus broker-redis with --redis].")
 @click.option("--drain-timeout", type=click.FloatRange(min=0.5), default=10.0, show_default=True,
               help="Max wait for in-flight deliveries after the last publication.")
 @click.option("--log-dir", type=click.Path(file_okay=False), help="Write spawned servers' logs here.")
@@ -62,13 +64,18 @@ def _split_targets(value: str | None, compare: bool) -> list[str]:
               help="Receivers offer permessage-deflate (client_max_window_bits), as browsers do.")
 @click.option("--publish-over", type=click.Choice(["http", "stream"]), default="http", show_default=True,
               help="How the broker's publisher sends: one POST per publication, or the backend stream.")
+@click.option("--redis", "redis_opt", is_flag=False, flag_value="spawn", metavar="[URL]",
+              help="Also run the broker on the Redis engine (target broker-redis; needs --spawn): on a "
+                   "redis-server the run starts on a free port, or on the Redis at URL; prints the "
+                   "broker-redis / broker ratios.")
 @click.option("--serve-arg", "serve_args", multiple=True, metavar="ARG",
               help="Extra flag for a spawned broker (repeatable), e.g. --serve-arg=--flush-max-window=0.")
 def bench(workloads: tuple[str, ...], connections: int | None, rate: float | None, duration: float | None,
           workers: int, concurrency: int, http_conns: int | None, url: str | None, http_url: str | None,
           pid: int | None, api_key: str | None, jwt_secret: str | None, spawn: bool, shards: int, compare: bool,
           targets_opt: str | None, drain_timeout: float, log_dir: str | None, json_path: str | None,
-          quiet: bool, deflate: bool, serve_args: tuple[str, ...], publish_over: str) -> None:
+          quiet: bool, deflate: bool, serve_args: tuple[str, ...], publish_over: str,
+          redis_opt: str | None) -> None:
     """Load a broker (and, with --compare, the baselines) with thousands of
     WebSocket connections; print a table and the broker/baseline ratios.
 
@@ -78,11 +85,15 @@ def bench(workloads: tuple[str, ...], connections: int | None, rate: float | Non
       w2             5,000 connections each on user:<i>, 2,000 pub/s to random users
       w3             5,000 connects as fast as possible; RSS per connection
       mixed          1,000 on bill:1 + 1,000 users, 50 + 500 pub/s at once
+      flood          10 on bill:1; publications as fast as 64 publisher
+                     connections get answers, for 10 s (pub/s a host takes)
     """
     from broker.bench.report import run_bench  # lazy: heavy imports only when benching
 
     names = list(WORKLOAD_NAMES) if "all" in workloads else list(dict.fromkeys(workloads))
-    targets = _split_targets(targets_opt, compare)
+    targets = _split_targets(targets_opt, compare, redis_opt is not None)
+    if "broker-redis" in targets and not spawn:
+        raise click.UsageError("broker-redis (--redis) needs --spawn: the run starts the broker on Redis")
     if "broker" in targets and not spawn and url is None:
         url = "http://127.0.0.1:8765"
     if not spawn and "broker" in targets and not jwt_secret and any(n in ("w2", "mixed") for n in names):
@@ -93,6 +104,7 @@ def bench(workloads: tuple[str, ...], connections: int | None, rate: float | Non
         api_key=api_key, jwt_secret=jwt_secret, spawn=spawn, shards=shards, drain_timeout=drain_timeout,
         log_dir=log_dir, json_path=json_path, progress=None if quiet else sys.stderr,
         deflate=deflate, serve_args=list(serve_args), publish_over=publish_over,
+        redis_url=None if redis_opt in (None, "spawn") else redis_opt,
     )
     sys.exit(code)
 

@@ -25,9 +25,12 @@ from typing import Any, TextIO
 import psutil
 
 from . import stats
-from .targets import Target
+from .targets import Target, process_cpu_seconds
 from .worker import (SLOT_CONNECTED, SLOT_DISCONNECTS, SLOT_FAILED, SLOT_PUBLISHED, SLOT_RECEIVED, SLOTS,
                      publisher_main, raise_nofile_limit, receiver_main)
+
+#: targets that are the broker through its native endpoint (they have the backend stream)
+BROKER_NATIVE = ("broker", "broker-redis")
 
 __all__ = ["Workload", "WORKLOADS", "workload", "RunOptions", "run_workload", "report_document"]
 
@@ -41,6 +44,7 @@ class Workload:
     fanout_rate: float = 0.0        # publications/s to bill:1
     user_rate: float = 0.0          # publications/s to random user:<i>
     duration: float = 15.0
+    flood: bool = False             # publish as fast as the server answers (no schedule) for ``duration``
 
     @property
     def connections(self) -> int:
@@ -48,6 +52,8 @@ class Workload:
 
     @property
     def publications(self) -> int:
+        if self.flood:
+            return 0  # as many as the server takes
         return _count(self.fanout_rate, self.duration) + _count(self.user_rate, self.duration)
 
 
@@ -60,6 +66,10 @@ WORKLOADS: dict[str, Workload] = {
     "w1-5k": Workload("w1-5k", fanout_connections=5000, fanout_rate=50, duration=15),
     "w2": Workload("w2", user_connections=5000, user_rate=2000, duration=15),
     "w3": Workload("w3", idle_connections=5000, duration=0),
+    # Publications per second a host takes: 64 backend connections, each
+    # publication sent as soon as the previous one on its connection was
+    # answered, to bill:1, followed by 10 subscribers.
+    "flood": Workload("flood", fanout_connections=10, fanout_rate=1.0, duration=10, flood=True),
     "mixed": Workload("mixed", fanout_connections=1000, user_connections=1000, fanout_rate=50,
                       user_rate=500, duration=15),
 }
@@ -73,7 +83,7 @@ def workload(name: str, connections: int | None = None, rate: float | None = Non
     changes: dict[str, Any] = {}
     if duration is not None:
         changes["duration"] = duration
-    if name.startswith("w1"):
+    if name.startswith("w1") or name == "flood":
         if connections is not None:
             changes["fanout_connections"] = connections
         if rate is not None:
@@ -182,8 +192,7 @@ class _Workers:
         total = 0.0
         for proc, _ in self.all:
             try:
-                t = psutil.Process(proc.pid).cpu_times()
-                total += t.user + t.system
+                total += process_cpu_seconds(psutil.Process(proc.pid))
             except psutil.Error:
                 pass
         return total
@@ -232,8 +241,11 @@ def _streams(w: Workload, opts: RunOptions) -> list[dict[str, Any]]:
         if total <= 0:
             continue
         conns = opts.http_conns or max(2, min(32, math.ceil(rate / 100)))
-        streams.append({"name": name, "rate": rate, "total": total, "channels": channels,
-                        "http_conns": min(conns, total), "seed": len(streams) + 1})
+        if w.flood:   # no schedule: a cap no run reaches, and the clock ends it
+            total, conns = 10**9, opts.http_conns or 64
+        streams.append({"name": name, "rate": 0.0 if w.flood else rate, "total": total, "channels": channels,
+                        "http_conns": min(conns, total), "seed": len(streams) + 1,
+                        "seconds": w.duration if w.flood else None})
     return streams
 
 
@@ -273,7 +285,7 @@ def run_workload(target: Target, w: Workload, opts: RunOptions) -> dict[str, Any
                 publisher_main, {"http_host": host, "http_port": port, "api_key": opts.api_key,
                                  "streams": streams, "budget": budget,
                                  # the baselines have no backend stream: they keep HTTP
-                                 "publish_over": opts.publish_over if target.name == "broker" else "http"},
+                                 "publish_over": opts.publish_over if target.name in BROKER_NATIVE else "http"},
                 n_workers)
         for _, pipe in workers.all:
             workers.pids.append(_expect(pipe, "ready", 60))
@@ -315,12 +327,13 @@ def run_workload(target: Target, w: Workload, opts: RunOptions) -> dict[str, Any
         # -- publish ---------------------------------------------------------------
         if streams and workers.publisher is not None:
             cpu1 = target.tree.cpu_seconds()
+            redis_cpu1 = target.redis.tree.cpu_seconds() if target.redis is not None else None
             gen0 = workers.cpu_seconds()
             pub_pipe = workers.publisher[1]
             pub_budget = w.duration + 30
             pub_pipe.send(("publish", pub_budget))
             deadline = time.monotonic() + pub_budget + 15
-            planned = sum(s["total"] for s in streams)
+            planned = 0 if w.flood else sum(s["total"] for s in streams)
             while not pub_pipe.poll(0.1):
                 if time.monotonic() > deadline:
                     raise TimeoutError("publisher did not finish in time")
@@ -345,6 +358,8 @@ def run_workload(target: Target, w: Workload, opts: RunOptions) -> dict[str, Any
             for _, pipe in workers.receivers:
                 reports.append(_expect(pipe, "report", opts.drain_timeout + 30))
             result["server_cpu_seconds"] = round(target.tree.cpu_seconds() - cpu1, 3)
+            if target.redis is not None and redis_cpu1 is not None:
+                result["redis_cpu_seconds"] = round(target.redis.tree.cpu_seconds() - redis_cpu1, 3)
             counts = stats.merge_counts(r["counts"] for r in reports)
             result["deliveries_expected"] = counts.get("expected", 0)
             result["deliveries_received"] = counts.get("received", 0)

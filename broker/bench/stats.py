@@ -54,11 +54,13 @@ RESULT_FIELDS: tuple[str, ...] = (
     "server_processes",
     "server_cpu_seconds",          # publish phase (+ drain), user+system over the process tree
     "server_cpu_seconds_connect",  # connect phase
+    "redis_cpu_seconds",           # publish phase, the redis-server a broker-redis run started (else null)
     "rss_before_bytes",
     "rss_connected_bytes",
     "peak_rss_bytes",
     "rss_per_connection_bytes",
     "deliveries_per_cpu_second",
+    "publications_per_cpu_second",  # publications / server_cpu_seconds (what a host takes per core)
     "connections_per_cpu_second",
     "loadgen_cpu_seconds",         # the runner's own workers (is the generator the bottleneck?)
     "elapsed_seconds",
@@ -68,6 +70,7 @@ RESULT_FIELDS: tuple[str, ...] = (
 # metric -> True when higher is better (for the ratio's reading)
 RATIO_METRICS: dict[str, bool] = {
     "deliveries_per_cpu_second": True,
+    "publications_per_cpu_second": True,
     "connect_rate": True,
     "rss_per_connection_bytes": False,
     "latency_p99_ms": False,
@@ -177,6 +180,8 @@ def finish_result(result: dict[str, Any]) -> dict[str, Any]:
         r["deliveries_lost"] = max(0, r["deliveries_expected"] - r["deliveries_received"])
     if r["deliveries_received"]:
         r["deliveries_per_cpu_second"] = _round(_div(r["deliveries_received"], r["server_cpu_seconds"]), 0)
+    if r["publications"]:
+        r["publications_per_cpu_second"] = _round(_div(r["publications"], r["server_cpu_seconds"]), 0)
     if r["connections"]:
         r["connections_per_cpu_second"] = _round(_div(r["connections"], r["server_cpu_seconds_connect"]), 0)
         if r["rss_connected_bytes"] is not None and r["rss_before_bytes"] is not None:
@@ -285,6 +290,7 @@ def format_table(results: Sequence[Mapping[str, Any]]) -> str:
 def format_ratios(rows: Sequence[Mapping[str, Any]], subject: str = "broker") -> str:
     """The ratio table (subject / baseline)."""
     titles = {"deliveries_per_cpu_second": "deliv/cpu-s (>1 better)",
+              "publications_per_cpu_second": "pubs/cpu-s (>1 better)",
               "connect_rate": "connect rate (>1 better)",
               "rss_per_connection_bytes": "RSS/conn (<1 better)",
               "latency_p99_ms": "p99 latency (<1 better)"}

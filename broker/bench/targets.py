@@ -5,6 +5,7 @@ baselines of benchmarks/baselines/, plus their process tree's CPU and RSS
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -22,8 +23,28 @@ import psutil
 
 from broker.testing import BrokerProcess, free_port
 
-__all__ = ["Target", "ProcessTree", "spawn_broker", "spawn_baseline", "attach", "BASELINES", "baselines_dir",
-           "SOCKETIO_QUERY", "socketio_url"]
+
+def process_cpu_seconds(proc: psutil.Process) -> float:
+    """user+system seconds of one process, to the nanosecond where Linux says.
+
+    /proc/PID/stat counts in clock ticks (10 ms): a short run of a fast
+    server can round to zero. The scheduler's per-thread run time
+    (/proc/PID/task/*/schedstat, ns) is exact but forgets threads that
+    ended, so the larger of the two is taken."""
+    times = proc.cpu_times()
+    coarse = times.user + times.system
+    exact = 0
+    try:
+        for task in os.listdir(f"/proc/{proc.pid}/task"):
+            with open(f"/proc/{proc.pid}/task/{task}/schedstat") as f:
+                exact += int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return coarse
+    return max(coarse, exact / 1e9)
+
+
+__all__ = ["Target", "ProcessTree", "RedisProcess", "spawn_broker", "spawn_redis", "spawn_baseline", "attach",
+           "BASELINES", "baselines_dir", "SOCKETIO_QUERY", "socketio_url", "npm_ci", "process_cpu_seconds"]
 
 BASELINES = ("picows", "websockets", "socketio-node")
 #: where a Socket.IO client opens a WebSocket session directly (Engine.IO 4)
@@ -65,8 +86,7 @@ class ProcessTree:
         total = 0.0
         for proc in self.processes():
             try:
-                times = proc.cpu_times()
-                value = times.user + times.system
+                value = process_cpu_seconds(proc)
                 self._last_cpu[proc.pid] = value
             except psutil.Error:
                 value = self._last_cpu.get(proc.pid, 0.0)
@@ -121,6 +141,7 @@ class Target:
     spawned: Any = None          # BrokerProcess | subprocess.Popen | None
     tree: ProcessTree = field(init=False)
     log_path: str | None = None
+    redis: RedisProcess | None = None   # a Redis this run started for the server (stopped after it)
 
     def __post_init__(self) -> None:
         self.tree = ProcessTree(self.pid)
@@ -134,22 +155,87 @@ class Target:
     def stop(self) -> int | None:
         """Stop the server if this run started it (SIGTERM, then SIGKILL after 20 s)."""
         spawned, self.spawned = self.spawned, None
-        if spawned is None:
-            return None
-        if isinstance(spawned, BrokerProcess):
+        try:
+            return _stop(spawned)
+        finally:
+            redis, self.redis = self.redis, None
+            if redis is not None:
+                redis.stop()
+
+
+def _stop(spawned: Any) -> int | None:
+    """Stop a server this run started (SIGTERM, then SIGKILL)."""
+    if spawned is None:
+        return None
+    if isinstance(spawned, BrokerProcess):
+        try:
+            return spawned.stop(timeout=20)
+        except subprocess.TimeoutExpired:
+            return -9
+    proc: subprocess.Popen[bytes] = spawned
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+    return proc.returncode
+
+
+class RedisProcess:
+    """A redis-server for one run: a free loopback port (never 6379), no
+    persistence, its files in a temporary directory; its CPU is measured
+    apart from the broker's."""
+
+    def __init__(self, log_path: str | None = None, timeout: float = 10.0) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise FileNotFoundError("redis-server not found (install Redis 7, or pass --redis URL)")
+        self.port = free_port()
+        while self.port == 6379:
+            self.port = free_port()
+        self.dir = tempfile.mkdtemp(prefix="bench-redis-")
+        log = open(log_path, "ab") if log_path else subprocess.DEVNULL
+        self.process = subprocess.Popen(
+            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--dir", self.dir, "--protected-mode", "no"], stdout=log, stderr=subprocess.STDOUT)
+        self.tree = ProcessTree(self.process.pid)
+        deadline = time.monotonic() + timeout
+        while not self._answers():
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"redis-server on port {self.port} did not start")
+            time.sleep(0.05)
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}"
+
+    def _answers(self) -> bool:
+        import socket
+
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as sock:
+                sock.sendall(b"PING\r\n")
+                return sock.recv(16).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
             try:
-                return spawned.stop(timeout=20)
+                self.process.wait(10)
             except subprocess.TimeoutExpired:
-                return -9
-        proc: subprocess.Popen[bytes] = spawned
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
-        return proc.returncode
+                self.process.kill()
+                self.process.wait(5)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def spawn_redis(log_path: str | None = None) -> RedisProcess:
+    """Start a redis-server for a ``broker-redis`` run."""
+    return RedisProcess(log_path)
 
 
 def _ready(http_url: str, path: str = "/readyz") -> bool:
@@ -161,14 +247,21 @@ def _ready(http_url: str, path: str = "/readyz") -> bool:
 
 
 def spawn_broker(shards: int = 1, api_key: str = "bench-key", jwt_secret: str = "bench-secret",
-                 log_path: str | None = None, extra: list[str] | None = None, timeout: float = 30.0) -> Target:
-    """Start ``broker serve`` on a free port and wait for /readyz.
+                 log_path: str | None = None, extra: list[str] | None = None, timeout: float = 30.0,
+                 redis_url: str | None = None) -> Target:
+    """Start ``broker serve`` on a free port and wait for /readyz; with
+    ``redis_url``, on the Redis engine (under a prefix of its own, so a
+    shared Redis starts every run with fresh channels).
 
     Every load client comes from 127.0.0.1, so the per-IP connection limit
     (PROTOCOL.md §1, default 1,000) is lifted for the run."""
     config = tempfile.NamedTemporaryFile("w", prefix="bench-", suffix=".toml", delete=False)
     with config:
         config.write("[limits]\nconnections_per_ip = 1000000\n")
+        if redis_url is not None:
+            config.write(f'[redis]\nprefix = "bench-{os.urandom(4).hex()}"\n')
+    if redis_url is not None:
+        extra = ["--redis", redis_url, *(extra or [])]
     proc = BrokerProcess(args=["--allow-anonymous", "--shards", str(shards), "--log-level", "warning",
                                "--config", config.name, *(extra or [])],
                          api_key=api_key, jwt_secret=jwt_secret, log_path=log_path)
@@ -181,14 +274,23 @@ def spawn_broker(shards: int = 1, api_key: str = "bench-key", jwt_secret: str = 
     return Target("broker", proc.ws_url, proc.url, proc.process.pid, spawned=proc, log_path=log_path)
 
 
-def _npm_ci(folder: Path) -> None:
-    """The Node baseline's packages, installed once from its lockfile."""
-    if (folder / "node_modules").is_dir():
-        return
-    result = subprocess.run(["npm", "ci", "--no-audit", "--no-fund", "--loglevel=error"], cwd=folder,
-                            capture_output=True, text=True, timeout=300)
-    if result.returncode != 0:
-        raise RuntimeError(f"npm ci in {folder} failed: {result.stderr[-500:]}")
+def npm_ci(folder: Path) -> None:
+    """A folder's npm packages, installed once from its lockfile (``npm
+    install`` without one). A file lock makes concurrent callers (parallel
+    test workers, two bench runs) wait for one install instead of racing
+    in the same node_modules."""
+    import fcntl
+
+    with open(folder / ".npm-install.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (folder / "node_modules").is_dir():
+            return
+        command = ["npm", "ci" if (folder / "package-lock.json").exists() else "install",
+                   "--no-audit", "--no-fund", "--loglevel=error"]
+        result = subprocess.run(command, cwd=folder, capture_output=True, text=True, timeout=300)
+        if result.returncode != 0:
+            raise RuntimeError(f"{' '.join(command)} in {folder} failed ({result.returncode}): "
+                               f"{result.stderr[-2000:]}")
 
 
 def spawn_baseline(kind: str, log_path: str | None = None, timeout: float = 20.0) -> Target:
@@ -199,7 +301,7 @@ def spawn_baseline(kind: str, log_path: str | None = None, timeout: float = 20.0
     node = kind == "socketio-node"
     script = baselines_dir() / ("socketio_server.js" if node else f"{kind}_server.py")
     if node:
-        _npm_ci(baselines_dir())
+        npm_ci(baselines_dir())
     if not script.exists():
         raise FileNotFoundError(f"{script} not found (run from a source checkout, or set BROKER_BENCH_BASELINES)")
     ws_port, http_port = free_port(), free_port()

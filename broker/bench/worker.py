@@ -674,9 +674,11 @@ class _BackendStream(WSListener):
 class _Stream:
     """One publication schedule: ``total`` publications at ``rate`` per second."""
 
-    def __init__(self, name: str, rate: float, total: int, channels: int, http_conns: int, seed: int) -> None:
+    def __init__(self, name: str, rate: float, total: int, channels: int, http_conns: int, seed: int,
+                 seconds: float | None = None) -> None:
         self.name = name
-        self.rate = rate
+        self.rate = rate                 # 0: no schedule, as fast as the server answers
+        self.seconds = seconds           # publish for this long (flood), else until ``total``
         self.total = total
         self.channels = channels         # 0: the fan-out channel; N: user:<random below N>
         self.http_conns = http_conns
@@ -721,10 +723,12 @@ async def _publisher(conn: Any, progress: Any, base: int, params: dict[str, Any]
 
     async def run_conn(stream: _Stream, t0: float, deadline: float) -> None:
         client: Any = None
+        if stream.seconds is not None:
+            deadline = min(deadline, t0 + stream.seconds)
         while stream.next < stream.total and time.monotonic() < deadline:
             seq = stream.next
             stream.next += 1
-            delay = t0 + seq / stream.rate - time.monotonic()
+            delay = t0 + seq / stream.rate - time.monotonic() if stream.rate > 0 else 0.0
             if delay > 0:
                 await asyncio.sleep(delay)
             channel = stream.channel()

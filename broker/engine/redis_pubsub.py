@@ -7,15 +7,17 @@ by itself with jittered exponential backoff and subscribes its channels
 again; once Redis has confirmed them it reports ``on_restored`` so the
 engine can repair what was published while it was away.
 
-Commands leave a link strictly in the order they were asked for (one
-outbox), so an unsubscribe followed by a subscribe of the same channel can
-never reach Redis the other way round.
+Commands leave a link strictly in the order they were asked for (each is
+written at once), so an unsubscribe followed by a subscribe of the same
+channel can never reach Redis the other way round. redis-py opens the
+connection; from then on its replies are parsed as they arrive and each
+message goes to ``on_message`` from the protocol itself (no coroutine per
+message).
 """
 from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import random
 from collections import deque
 from typing import Any
@@ -25,6 +27,8 @@ from redis.asyncio import Redis, RedisCluster
 from redis.exceptions import RedisError, ResponseError
 
 from ..errors import EngineUnavailable
+from .redis_pipe import Reader, adopt
+from .redis_store import pack_command
 
 __all__ = ["PubSubLink", "Links"]
 
@@ -47,10 +51,10 @@ class PubSubLink:
         self.topics: set[bytes] = set()
         self.up = False
         self.reconnects = 0
-        self._conn: Any = None
+        self._transport: asyncio.Transport | None = None
+        self._keep: Any = None  # redis-py's stream writer for the transport (see ``adopt``)
+        self._protocol: _LinkProtocol | None = None  # the current connection's
         self._confirm: dict[bytes, deque[asyncio.Future[None]]] = {}
-        self._outbox: deque[tuple[bytes, ...]] = deque()
-        self._sending = False
         self._closed = False
         self._up_event = asyncio.Event()
         self._restored: set[bytes] = set()  # topics the last (re)connect subscribed
@@ -93,95 +97,77 @@ class PubSubLink:
         return future
 
     def _send(self, *command: bytes) -> None:
-        self._outbox.append(command)
-        if not self._sending:
-            self._sending = True
-            self.loop.create_task(self._send_all(self._conn))
-
-    async def _send_all(self, conn: Any) -> None:
-        try:
-            while self._outbox and conn is self._conn:
-                command = self._outbox.popleft()
-                await conn.send_command(*command, check_health=False)
-        except (RedisError, OSError) as exc:
-            log.debug("pub/sub %s: send failed: %s", self.name, exc)  # the reader sees the break
-        finally:
-            self._sending = False
+        """Written at once, so commands reach Redis in the order asked for
+        (an unsubscribe never overtakes the subscribe before it). Without a
+        connection there is nothing to send: the reconnect subscribes
+        ``topics`` as they are then."""
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.write(pack_command(command))
 
     # ------------------------------------------------------------ reading
     async def _run(self) -> None:
         delay = 0.0
         first = True
         while not self._closed:
-            conn = self._make()
+            protocol = self._protocol = _LinkProtocol(self)
             try:
-                await asyncio.wait_for(conn.connect(), self.timeout)
-                self._conn = conn
+                self._transport, self._keep = await adopt(self._make, protocol, self.timeout)
                 restored = self._restored = set(self.topics)
                 waits = [self._expect(topic) for topic in restored]
                 for topic in restored:
                     self._send(b"SSUBSCRIBE", topic)
-                reader = self.loop.create_task(self._read(conn))
-                try:
-                    if waits:
-                        await asyncio.wait_for(asyncio.gather(*waits), self.timeout)
-                    self.up = True
-                    self._up_event.set()
-                    delay = 0.0
-                    if not first:
-                        self.reconnects += 1
-                        log.info("Redis pub/sub %s reconnected; %d channels resubscribed",
-                                 self.name, len(restored))
-                        self.on_restored(restored)
-                    first = False
-                    await reader
-                finally:
-                    reader.cancel()
+                if waits:
+                    await asyncio.wait_for(asyncio.gather(*waits), self.timeout)
+                self.up = True
+                self._up_event.set()
+                delay = 0.0
+                if not first:
+                    self.reconnects += 1
+                    log.info("Redis pub/sub %s reconnected; %d channels resubscribed",
+                             self.name, len(restored))
+                    self.on_restored(restored)
+                first = False
+                await protocol.lost
             except (TimeoutError, RedisError, OSError, EngineUnavailable) as exc:
                 if self.up:
                     log.warning("Redis pub/sub %s lost: %s", self.name, exc or type(exc).__name__)
             except asyncio.CancelledError:
-                await self._disconnect(conn)
+                self._disconnect()
                 raise
             except Exception:  # a bug must not end the link for good: reconnect and repair
                 log.exception("Redis pub/sub %s failed; reconnecting", self.name)
             self.up = False
             self._up_event.clear()
-            self._conn = None
-            self._outbox.clear()
             self._fail_confirmations()
-            await self._disconnect(conn)
+            self._disconnect()
             closed: bool = self._closed  # re-read: close() may have run during the awaits
             if closed:
                 return
             delay = min(self.backoff_max, max(0.05, delay * 2))
             await asyncio.sleep(delay * random.uniform(0.5, 1.5))
 
-    async def _read(self, conn: Any) -> None:
-        on_message = self.on_message
-        while True:
-            try:
-                reply = await conn.read_response(timeout=math.inf, disconnect_on_error=False)
-            except ResponseError as exc:
-                log.warning("pub/sub %s: Redis refused a command: %s", self.name, exc)
-                self._fail_confirmations(exc)
-                continue
-            kind = reply[0]
-            if kind == b"smessage":
-                on_message(reply[1], reply[2])
-            elif kind == b"ssubscribe":
-                waiting = self._confirm.get(reply[1])
-                if waiting:
-                    future = waiting.popleft()
-                    if not waiting:
-                        del self._confirm[reply[1]]
-                    if not future.done():
-                        future.set_result(None)
-            elif kind == b"sunsubscribe" and reply[1] in self.topics:
-                # Not asked for: the slot moved to another node (resharding,
-                # failover). Break the link; its reconnect resubscribes, and the
-                # engine repairs what was published meanwhile.
-                raise EngineUnavailable(f"Redis dropped the subscription of {reply[1]!r}")
+    def _reply(self, reply: Any) -> None:
+        """One reply or message from Redis (raises to break the link)."""
+        if isinstance(reply, ResponseError):
+            log.warning("pub/sub %s: Redis refused a command: %s", self.name, reply)
+            self._fail_confirmations(reply)
+            return
+        kind = reply[0]
+        if kind == b"smessage":
+            self.on_message(reply[1], reply[2])
+        elif kind == b"ssubscribe":
+            waiting = self._confirm.get(reply[1])
+            if waiting:
+                future = waiting.popleft()
+                if not waiting:
+                    del self._confirm[reply[1]]
+                if not future.done():
+                    future.set_result(None)
+        elif kind == b"sunsubscribe" and reply[1] in self.topics:
+            # Not asked for: the slot moved to another node (resharding,
+            # failover). Break the link; its reconnect resubscribes, and the
+            # engine repairs what was published meanwhile.
+            raise EngineUnavailable(f"Redis dropped the subscription of {reply[1]!r}")
 
     def _fail_confirmations(self, exc: Exception | None = None) -> None:
         error = EngineUnavailable(f"Redis pub/sub ({self.name}): {exc}" if exc else
@@ -193,12 +179,11 @@ class PubSubLink:
                     future.exception()
         self._confirm.clear()
 
-    @staticmethod
-    async def _disconnect(conn: Any) -> None:
-        try:
-            await conn.disconnect()
-        except (RedisError, OSError):
-            pass
+    def _disconnect(self) -> None:
+        transport, self._transport = self._transport, None
+        if transport is not None:
+            transport.close()
+        self._keep = None
 
     async def close(self) -> None:
         self._closed = True
@@ -207,6 +192,36 @@ class PubSubLink:
             await self._task
         except (asyncio.CancelledError, Exception):
             pass
+
+
+class _LinkProtocol(asyncio.Protocol):
+    """A link's connection once open: replies parsed as they arrive and
+    handed to the link in order; ``lost`` ends when the connection does."""
+
+    def __init__(self, link: PubSubLink) -> None:
+        self.link = link
+        self.reader = Reader()
+        self.lost: asyncio.Future[None] = link.loop.create_future()
+        self.lost.add_done_callback(lambda lost: lost.cancelled() or lost.exception())  # read by _run, or not
+
+    def data_received(self, data: bytes) -> None:
+        reader = self.reader
+        reader.feed(data)
+        handle = self.link._reply
+        try:
+            while (reply := reader.gets()) is not False:
+                handle(reply)
+        except Exception as exc:  # the link breaks; its reconnect repairs
+            if not self.lost.done():
+                self.lost.set_exception(exc)
+            if self.link._protocol is self:
+                self.link._disconnect()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.lost.done():
+            self.lost.set_exception(ConnectionError(f"Redis pub/sub connection lost: {exc or 'closed'}"))
+        if self.link._protocol is self:
+            self.link._fail_confirmations()  # a (re)subscribe waiting for Redis learns it at once
 
 
 class Links:

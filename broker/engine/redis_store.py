@@ -12,14 +12,16 @@ publications.
 All keys of a channel share one hash tag (``{channel}``), so one channel
 lives in one slot of a Redis Cluster, together with its pub/sub channel.
 
-Script calls issued in the same loop turn go to Redis as one pipeline:
-publications that arrive together cost one round trip, not one each.
+Script calls issued in the same loop turn go to Redis as one pipelined
+write on a dedicated connection per node (``Pipe``): publications that
+arrive together cost one round trip, not one each, and their replies are
+matched as they are parsed.
 """
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
-import math
 import secrets
 import zlib
 from dataclasses import dataclass
@@ -30,11 +32,12 @@ from urllib.parse import urlsplit, urlunsplit
 from redis.asyncio import Redis, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import NoScriptError, RedisError, ResponseError
+from redis.exceptions import RedisError, ResponseError
 
 from ..config import Config
 from ..errors import EngineUnavailable
 from .base import Position
+from .redis_pipe import Pipe
 
 __all__ = ["RedisStore", "Keys", "Codec", "is_cluster_url", "pack_command", "PUBLISH_LUA", "READ_LUA"]
 
@@ -210,6 +213,9 @@ def _script(text: str, keys: int) -> _Script:
     return _Script(text, hashlib.sha1(text.encode()).hexdigest(), keys)
 
 
+#: one queued script call: the script, its arguments (keys first), its caller's future
+_Call = tuple[_Script, list[Any], "asyncio.Future[Any]"]
+
 _PUBLISH = _script(PUBLISH_LUA, 2)
 _READ = _script(READ_LUA, 2)
 _PRESENCE_SET = _script(PRESENCE_SET_LUA, 1)
@@ -255,9 +261,14 @@ class RedisStore:
         self.codec = Codec(self.settings.compress_threshold)
         self.healthy = False
         self.on_recovered: Callable[[], None] = lambda: None
-        self._queue: list[tuple[_Script, list[Any], asyncio.Future[Any]]] = []
+        self._queue: list[_Call] = []
+        self._pipes: dict[str, Pipe] = {}  # pipelined script calls, per node ("": the single Redis)
         self._flush_scheduled = False
-        self._epoch = secrets.token_hex(6)  # epoch candidate of the batch being gathered
+        # Epoch candidates: random per process, then a counter per batch (unique
+        # without a random draw per loop turn).
+        self._epoch_base = secrets.token_hex(6)
+        self._epoch_serial = 0
+        self._epoch = self._epoch_base + "0"  # epoch candidate of the batch being gathered
         self._tasks: set[asyncio.Task[Any]] = set()
         self._watcher: asyncio.Task[None] | None = None
         self._nodes: dict[str, Redis] = {}  # cluster: a plain client per primary, for pipelines
@@ -323,96 +334,96 @@ class RedisStore:
         self._flush_scheduled = False
         # A fresh epoch candidate per batch: used only by channels the batch
         # creates, so no channel ever gets an epoch it had before.
-        self._epoch = secrets.token_hex(6)
+        self._epoch_serial += 1
+        self._epoch = f"{self._epoch_base}{self._epoch_serial:x}"
         batch, self._queue = self._queue, []
         if batch:
-            self._spawn(self._run(batch))
+            self._send(batch)
+
+    def _send(self, batch: list[_Call], reloaded: bool = False) -> None:
+        """Write the batch now, one packed write per node; each call's
+        future is answered from the reply parser (``_answer``)."""
+        self.batches += 1
+        self.calls += len(batch)
+        try:
+            groups = self._route(batch)
+        except Exception as exc:  # cluster slots unknown: every caller gets its answer
+            self._fail(batch, exc)
+            return
+        for name, calls in groups.items():
+            payload = b"".join([pack_command(("EVALSHA", script.sha, script.keys, *args))
+                                for script, args, _ in calls])
+            done = self._pipe(name).request(payload, len(calls))
+            done.add_done_callback(functools.partial(self._answer, calls, reloaded=reloaded))
+
+    def _route(self, batch: list[_Call]) -> dict[str, list[_Call]]:
+        if not self.cluster:
+            return {"": batch}
+        # Redis Cluster: one pipeline per primary, for the calls whose channel
+        # lives there (each call's first key routes it).
+        cluster: Any = self.client
+        groups: dict[str, list[_Call]] = {}
+        for call in batch:
+            groups.setdefault(cluster.get_node_from_key(call[1][0]).name, []).append(call)
+        return groups
+
+    def _pipe(self, name: str) -> Pipe:
+        """The open pipeline connection to a node (``""``: the single Redis), or a new one."""
+        pipe = self._pipes.get(name)
+        if pipe is None or pipe.closed:
+            client: Any = self._node(name) if name else self.client
+            pool = client.connection_pool
+            kwargs = pool.connection_kwargs
+            pipe = self._pipes[name] = Pipe(self.loop, lambda: pool.connection_class(**kwargs),
+                                            self.settings.timeout, name or "redis")
+        return pipe
+
+    def _answer(self, calls: list[_Call], done: asyncio.Future[list[Any]], *, reloaded: bool) -> None:
+        exc = done.exception()
+        if exc is not None:
+            self._fail(calls, exc)
+            return
+        again = []
+        for (script, args, future), reply in zip(calls, done.result(), strict=True):
+            if future.done():
+                continue
+            if isinstance(reply, ResponseError):
+                message = str(reply)
+                if message.startswith("NOSCRIPT") and not reloaded:
+                    again.append((script, args, future))  # not run: safe to send again
+                    continue
+                if message.startswith(("MOVED", "ASK")):
+                    self._refresh_slots = True  # resharding: learn the new owners
+                self.errors += 1
+                future.set_exception(EngineUnavailable(f"Redis: {message}"))
+            else:
+                future.set_result(reply)
+        if again:
+            self._spawn(self._reload_and_send(again))
+
+    def _fail(self, calls: list[_Call], exc: BaseException) -> None:
+        reason = str(exc) or type(exc).__name__
+        self.errors += 1
+        self._down(f"a call failed: {reason}")
+        for _, _, future in calls:
+            if not future.done():
+                future.set_exception(EngineUnavailable(f"Redis: {reason}"))
+
+    async def _reload_and_send(self, calls: list[_Call]) -> None:
+        """Redis lost its scripts (a restart): load them, then send the calls again, once."""
+        try:
+            await asyncio.wait_for(self._load_scripts(), self.settings.timeout)
+        except Exception as exc:
+            for _, _, future in calls:
+                if not future.done():
+                    future.set_exception(EngineUnavailable(f"Redis: cannot load scripts: {exc}"))
+            return
+        self._send(calls, reloaded=True)
 
     def _spawn(self, coroutine: Any) -> None:
         task = self.loop.create_task(coroutine)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-
-    async def _run(self, batch: list[tuple[_Script, list[Any], asyncio.Future[Any]]],
-                   reloaded: bool = False) -> None:
-        self.batches += 1
-        self.calls += len(batch)
-        try:
-            results = await asyncio.wait_for(self._execute(batch), self.settings.timeout)
-        except Exception as exc:  # whatever went wrong, every caller gets its answer
-            reason = str(exc) or type(exc).__name__
-            self.errors += 1
-            self._down(f"a call failed: {reason}")
-            for _, _, future in batch:
-                if not future.done():
-                    future.set_exception(EngineUnavailable(f"Redis: {reason}"))
-            return
-        again = []
-        for (script, args, future), result in zip(batch, results, strict=True):
-            if future.done():
-                continue
-            if isinstance(result, NoScriptError) and not reloaded:
-                again.append((script, args, future))  # not run: safe to send again
-            elif isinstance(result, Exception):
-                self.errors += 1
-                future.set_exception(EngineUnavailable(f"Redis: {result}"))
-            else:
-                future.set_result(result)
-        if again:
-            try:
-                await asyncio.wait_for(self._load_scripts(), self.settings.timeout)
-            except Exception as exc:
-                for _, _, future in again:
-                    future.set_exception(EngineUnavailable(f"Redis: cannot load scripts: {exc}"))
-                return
-            await self._run(again, reloaded=True)
-
-    async def _execute(self, batch: list[tuple[_Script, list[Any], asyncio.Future[Any]]]) -> list[Any]:
-        if not self.cluster:
-            return await self._pipeline(self.client, batch)
-        # Redis Cluster: one pipeline per primary, for the calls whose channel
-        # lives there (redis-py's cluster pipeline does not run scripts).
-        cluster: Any = self.client
-        groups: dict[str, list[int]] = {}
-        for index, (_, args, _) in enumerate(batch):
-            groups.setdefault(cluster.get_node_from_key(args[0]).name, []).append(index)
-        results: list[Any] = [None] * len(batch)
-
-        async def run(name: str, indexes: list[int]) -> None:
-            replies = await self._pipeline(self._node(name), [batch[i] for i in indexes])
-            for index, reply in zip(indexes, replies, strict=True):
-                if isinstance(reply, ResponseError) and str(reply).startswith(("MOVED", "ASK")):
-                    self._refresh_slots = True  # resharding: learn the new owners
-                results[index] = reply
-
-        await asyncio.gather(*(run(name, indexes) for name, indexes in groups.items()))
-        return results
-
-    @staticmethod
-    async def _pipeline(client: Any, batch: list[tuple[_Script, list[Any], asyncio.Future[Any]]]) -> list[Any]:
-        """Every call of the batch in one write, then their replies in order,
-        on one pooled connection (redis-py's connection and reply parser; the
-        packing is hiredis's where installed: redis-py's Pipeline costs more
-        Python per command than the round trip it saves)."""
-        payload = b"".join([pack_command(("EVALSHA", script.sha, script.keys, *args))
-                            for script, args, _ in batch])
-        pool = client.connection_pool
-        conn = await pool.get_connection()
-        try:
-            await conn.send_packed_command(payload, check_health=False)
-            replies: list[Any] = []
-            for _ in batch:
-                try:
-                    # The caller's deadline bounds the batch: no timer per reply.
-                    replies.append(await conn.read_response(timeout=math.inf))
-                except ResponseError as exc:  # this call's error; the connection is fine
-                    replies.append(exc)
-        except BaseException:
-            await conn.disconnect()  # replies may still be on the way: never reuse it
-            raise
-        finally:
-            await pool.release(conn)
-        return replies
 
     def _node(self, name: str) -> Redis:
         client = self._nodes.get(name)
@@ -477,6 +488,8 @@ class RedisStore:
             self._watcher.cancel()
         for task in list(self._tasks):
             task.cancel()
+        for pipe in self._pipes.values():
+            pipe.close()
         for client in [self.client, *self._nodes.values()]:
             try:
                 await client.aclose()

@@ -23,13 +23,13 @@ from typing import Any
 
 import pytest
 
+from broker.bench.targets import npm_ci
 from broker.testing import free_port
 
 __all__ = ["NODE_DIR", "BASELINES_DIR", "ensure_node_packages", "NodeClient", "NodeBaseline"]
 
 NODE_DIR = Path(__file__).resolve().parent / "node"
 BASELINES_DIR = Path(__file__).resolve().parents[2] / "benchmarks" / "baselines"
-_install_lock = threading.Lock()
 
 
 def _missing(what: str) -> None:
@@ -44,17 +44,12 @@ def ensure_node_packages(folder: Path) -> Path:
     its node_modules is already there; returns the folder."""
     if shutil.which("node") is None:
         _missing("node")
-    with _install_lock:
-        if (folder / "node_modules").is_dir():
-            return folder
-        npm = shutil.which("npm")
-        if npm is None:
-            _missing("npm")
-        command = [npm, "ci" if (folder / "package-lock.json").exists() else "install",
-                   "--no-audit", "--no-fund", "--loglevel=error"]
-        result = subprocess.run(command, cwd=folder, capture_output=True, text=True, timeout=300)
-        if result.returncode != 0:
-            pytest.fail(f"{' '.join(command)} in {folder} failed ({result.returncode}):\n{result.stderr[-2000:]}")
+    if shutil.which("npm") is None:
+        _missing("npm")
+    try:
+        npm_ci(folder)
+    except RuntimeError as exc:
+        pytest.fail(str(exc))
     return folder
 
 

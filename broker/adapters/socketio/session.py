@@ -265,7 +265,7 @@ class SocketIOSession(Session):
         if conn is None:
             host.open_session(self, framing=FRAMING_POLLING)
         else:
-            host.open_session(self, fd=self._fd_of(conn), framing=FRAMING_EIO_WS,
+            host.open_session(self, framing=FRAMING_EIO_WS,
                               window_bits=conn.window_bits if conn.deflate else 0)
             host.set_paused(self, conn.paused)
         now = host.loop.time()
@@ -274,12 +274,17 @@ class SocketIOSession(Session):
                                         _SlotOutbox(self), now)
         self.sio = ev.SocketIOConnection(now)
         endpoint.sessions[self.engine.sid] = self
+        if conn is not None:
+            # Last, so that nothing can fail between lending the C flush the
+            # socket and the handler (ws_gone) that takes it back.
+            host.set_fd(self, self._fd_of(conn))
 
     @staticmethod
     def _fd_of(conn: Connection) -> int:
-        """A dup of the socket for the C flush; none through TLS, where every
-        byte goes through the transport."""
-        return -1 if conn.transport is None or is_tls(conn.transport) else conn.dup_fd()
+        """The socket's own descriptor for the C flush (forgotten in
+        ``ws_gone``, before the transport closes it); none through TLS,
+        where every byte goes through the transport."""
+        return -1 if conn.transport is None or is_tls(conn.transport) else conn.socket_fd()
 
     # ------------------------------------------------------------ effects
     def _apply(self, effects: list[eio.Effect]) -> tuple[Response | None, list[str]]:
@@ -377,6 +382,10 @@ class SocketIOSession(Session):
             self.probe = None
             self._apply(self.engine.on_probe_closed(now))
         elif conn is self.conn:
+            # The transport closes the socket once this returns: the C flush
+            # must not hold its number (a new connection may get it) whatever
+            # the engine's effects do below.
+            self.host.set_fd(self, -1)
             self._apply(self.engine.on_transport_closed(now))
             self.closing = True
             self.host.close_session(self)

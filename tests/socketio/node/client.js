@@ -87,10 +87,17 @@ function subscribeAll() {
   }
 }
 
-socket.on("connect", () => {
-  const transport = socket.io.engine.transport.name;
-  out({ event: "connect", sid: socket.id, transport });
+// The transport an Engine.IO connection opened on, and its upgrade, are
+// taken when the engine opens: under load the upgrade can finish before the
+// namespace's connect arrives, and a listener added at connect would miss it.
+let openedOn = null;
+socket.io.on("open", () => {
+  openedOn = socket.io.engine.transport.name;
   socket.io.engine.once("upgrade", (t) => out({ event: "upgrade", transport: t.name }));
+});
+
+socket.on("connect", () => {
+  out({ event: "connect", sid: socket.id, transport: openedOn || socket.io.engine.transport.name });
   subscribeAll();
 });
 
