@@ -5,7 +5,7 @@ that subscribe and never read, while healthy clients go on receiving.
 The budget is chosen from this machine's idle shard RSS (idle at 60% of
 it), so the figures mean the same on any machine. The flood itself is
 tools/flood.py's (the same code prints the figures for an operator);
-``pytest -s`` shows its one-line summary. Healthy clients may lag 8 MiB
+``pytest -s -n 0`` shows its one-line summary (xdist workers keep it). Healthy clients may lag 8 MiB
 behind (``outbound_buffer_bytes``): the test process that reads for them
 shares two busy cores with the broker and the flood, and a reader starved
 longer than its buffer allows is rightly a slow consumer.
