@@ -27,6 +27,7 @@ from .httpmsg import Response, error_response
 from .pressure import Degradation, IpConnectionTable, MemoryThresholds, shard_budget
 
 if TYPE_CHECKING:
+    from .engine.base import Engine
     from _ctypes import CFuncPtr  # what a CDLL attribute is (ctypes only re-exports it privately)
 
 __all__ = ["Watch", "Watched", "TICK"]
@@ -34,6 +35,11 @@ __all__ = ["Watch", "Watched", "TICK"]
 log = logging.getLogger("broker.watch")
 
 TICK = 1.0  # seconds between liveness/expiry checks
+
+# From level 1 on, channels keep this fraction of their history size in
+# memory (the oldest publications go; recoveries from before them answer
+# recovered:false), and all of it again once the level is back to 0.
+HISTORY_UNDER_PRESSURE = 0.25
 
 # A connection is a candidate for a level-2 cut once its transport has held
 # unsent bytes this long: a reader whose socket a burst filled drains it as
@@ -89,6 +95,7 @@ class Watched(Protocol):
     config: Config
     loop: asyncio.AbstractEventLoop
     sessions: list[Session | None]
+    engine: Engine
 
     @property
     def websocket_count(self) -> int:
@@ -136,6 +143,7 @@ class Watch:
         # triggers a check at once (``note_pending``): a flood fills them far
         # faster than once a second.
         self._pending_step = max(1 << 20, self.degradation.budget // 16)
+        self._history_fraction = 1.0
         self._pending_mark = self._pending_step
         self._checking = False
         self._timer: asyncio.TimerHandle | None = shard.loop.call_later(TICK, self._tick)
@@ -226,6 +234,12 @@ class Watch:
         if transition is not None:
             (log.warning if transition.rising else log.info)("shard: %s", transition.message())
         level = self.degradation.level
+        fraction = HISTORY_UNDER_PRESSURE if level >= 1 else 1.0
+        if fraction != self._history_fraction:
+            self._history_fraction = fraction
+            resized = self.shard.engine.scale_history(fraction)
+            log.info("shard: history windows at %d%% of their size (%d channels resized)",
+                     round(fraction * 100), resized)
         if level >= 2:
             if not self._checking:
                 self._checking = True

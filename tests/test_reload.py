@@ -136,6 +136,22 @@ def test_rebound_applies_new_history_bounds_to_existing_channels():
     assert engine.publish_now("bill:1", b"x").offset == 11
 
 
+def test_memory_pressure_keeps_a_fraction_of_each_history_then_all_again():
+    engine = MemoryEngine(Config(shards=1))  # bill: history_size 100
+    for i in range(40):
+        engine.publish_now("bill:1", b"%d" % i)
+    assert engine.scale_history(0.25) == 1
+    assert engine.scale_history(0.25) == 0  # already there
+    assert [o for o, _ in engine.history_now("bill:1", 0, 100)[1]] == list(range(16, 41))
+    epoch = engine.position_now("bill:1").epoch
+    assert engine.recover_now("bill:1", epoch, 10).recovered is False
+    assert engine.recover_now("bill:1", epoch, 15).recovered is True
+    assert engine.scale_history(1.0) == 1
+    for _ in range(60):
+        engine.publish_now("bill:1", b"x")
+    assert [o for o, _ in engine.history_now("bill:1", 0, 200)[1]] == list(range(16, 101))
+
+
 def test_a_fenced_engine_acknowledges_nothing():
     engine = MemoryEngine(Config(shards=1))
     engine.publish_now("bill:1", b"1")

@@ -93,6 +93,13 @@ class Engine(abc.ABC):
         """Apply reloaded history sizes and TTLs to existing channels."""
         return 0
 
+    def scale_history(self, fraction: float) -> int:
+        """Memory pressure: keep ``fraction`` of every namespace's history
+        size in this process (1.0 again when it passes); returns how many
+        windows changed. Engines whose history lives elsewhere (Redis) keep
+        theirs: it costs the shard nothing."""
+        return 0
+
     def fence(self, fenced: bool = True) -> None:  # noqa: B027 - optional: engines with local state
         """Stop (or resume) writing channel state: a deploy hands it over."""
 

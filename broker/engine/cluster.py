@@ -178,6 +178,9 @@ class ClusterEngine(Engine):
     def rebound(self) -> int:
         return self.local.rebound()
 
+    def scale_history(self, fraction: float) -> int:
+        return self.local.scale_history(fraction)
+
     def delivered(self, channel: str) -> Position | None:
         """Where this shard's copy of ``channel`` stands (the last offset
         delivered here), or None when it does not follow it."""

@@ -56,6 +56,7 @@ class MemoryEngine(Engine):
         self._clock = clock
         self._channels: dict[str, _ChannelState] = {}
         self._epoch_base = secrets.token_hex(4)  # a new process never repeats an old epoch
+        self._history_fraction = 1.0  # below 1 under memory pressure (scale_history)
         self._generations = [0] * EPOCH_BUCKETS
         self._journal = journal
         self._compaction_due = False
@@ -71,7 +72,21 @@ class MemoryEngine(Engine):
 
     def _bounds(self, channel: str) -> tuple[int, float]:
         namespace = self._config.namespace_for(channel)
-        return (namespace.history_size, namespace.history_ttl) if namespace else (0, 0.0)
+        if namespace is None:
+            return 0, 0.0
+        size = namespace.history_size
+        if self._history_fraction < 1.0 and size:
+            size = max(1, int(size * self._history_fraction))
+        return size, namespace.history_ttl
+
+    def scale_history(self, fraction: float) -> int:
+        """Keep ``fraction`` of each history size (at least one publication):
+        the oldest go first; a recovery from before them answers
+        ``recovered: false``, as for any history that ran out."""
+        if fraction == self._history_fraction:
+            return 0
+        self._history_fraction = fraction
+        return self.rebound()
 
     def _restore(self, logs: dict[str, ChannelLog]) -> None:
         for log in logs.values():

@@ -124,6 +124,26 @@ def test_a_shard_over_its_memory_budget_refuses_upgrades_and_publishes(broker_fa
         del before
 
 
+def test_level_1_keeps_a_quarter_of_each_history_window(broker_factory, tmp_path):
+    # Thresholds put an idle shard (tens of MB) at level 1 of a 1,000 MB
+    # budget, far from level 2.
+    broker = start(broker_factory, tmp_path,
+                   "[memory]\ncheck_interval = 0.2\nlevel1 = 0.001\nlevel2 = 0.98\n"
+                   "level3 = 0.99\nhysteresis = 0.0005\n",
+                   "--shards", "1", "--memory-limit-mb", "1000")
+    deadline = time.monotonic() + 10
+    while broker.api("GET", "/api/stats")[1]["shards"][0]["degradation"] != 1:
+        assert time.monotonic() < deadline, "never reached level 1"
+        time.sleep(0.1)
+    for i in range(40):
+        assert broker.api("POST", "/api/publish", {"channel": "bill:1", "data": i})[0] == 200
+    status, history = broker.api("GET", "/api/history?channel=bill:1&since=0")
+    assert status == 200 and history["offset"] == 40
+    # bill's history_size is 100: a quarter of it is kept under pressure
+    assert [p["offset"] for p in history["publications"]] == list(range(16, 41))
+    assert "history windows at 25%" in open(broker.log_path).read()
+
+
 def test_few_file_descriptors_refuse_upgrades_with_503_and_keep_http_answering(tmp_path):
     from broker.testing import BrokerProcess
 
