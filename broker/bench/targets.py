@@ -139,6 +139,8 @@ class Target:
     spawned: Any = None          # BrokerProcess | subprocess.Popen | None
     tree: ProcessTree = field(init=False)
     log_path: str | None = None
+    protocol: str = "native"     # what the load speaks: "native" (PROTOCOL.md) or "nats"
+    stop_signal: int = signal.SIGTERM   # nats-server exits 0 on SIGINT, 1 on SIGTERM
 
     def __post_init__(self) -> None:
         self.tree = ProcessTree(self.pid)
@@ -150,7 +152,7 @@ class Target:
             return False
 
     def stop(self) -> int | None:
-        """Stop the server if this run started it (SIGTERM, then SIGKILL after 20 s)."""
+        """Stop the server if this run started it (``stop_signal``, SIGKILL if it does not end)."""
         spawned, self.spawned = self.spawned, None
         if spawned is None:
             return None
@@ -161,7 +163,7 @@ class Target:
                 return -9
         proc: subprocess.Popen[bytes] = spawned
         if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
+            proc.send_signal(self.stop_signal)
             try:
                 proc.wait(10)
             except subprocess.TimeoutExpired:
