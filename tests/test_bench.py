@@ -13,7 +13,8 @@ from click.testing import CliRunner
 from broker.bench import stats
 from broker.bench.cli import bench
 from broker.bench.runner import WORKLOADS, workload
-from broker.bench.worker import FANOUT_CHANNEL, Receiver, SocketIOReceiver, channel_of, publication_body
+from broker.bench.worker import (FANOUT_CHANNEL, Receiver, SocketIOReceiver, channel_of, publication_body,
+                                 publication_data)
 
 # -- percentiles -------------------------------------------------------------------------
 
@@ -194,6 +195,58 @@ def test_receiver_error_reply_fails_ready():
         loop.close()
 
 
+def _msg(subject: bytes, seq: int, ts: int) -> bytes:
+    data = publication_data(seq, ts)
+    return b"MSG %s 1 %d\r\n%s\r\n" % (subject, len(data), data)
+
+
+def test_nats_receiver_connects_subscribes_and_counts_seq_across_frames():
+    from broker.bench.natsclient import CONNECT, NatsReceiver
+
+    lat = array("q")
+    r = NatsReceiver("bill:1", lat)
+    r.transport = transport = _Sent()
+    r.feed(b'INFO {"server_id":"x","max_payload":1048576}\r\n', 0)
+    assert transport.sent == [CONNECT + b"SUB bill:1 1\r\nPING\r\n"]
+    r.feed(_msg(b"bill:1", 1, 0), 5)            # before the PONG: early, not counted
+    r.feed(b"PONG\r\n", 0)
+    assert (r.start, r.last, r.early) == (0, 0, 1)
+    one, two, four = _msg(b"bill:1", 1, 1000), _msg(b"bill:1", 2, 1000), _msg(b"bill:1", 4, 1000)
+    stream = one + b"PING\r\n" + two + four + two     # 3 missing, 2 again
+    r.feed(stream[:7], 1100)                    # a frame boundary inside the MSG line
+    r.feed(stream[7:60], 1200)                  # ... and inside the payload
+    r.feed(stream[60:len(one) + 3], 1250)       # the first MSG ends here, "PI" of the PING too
+    r.feed(stream[len(one) + 3:], 1300)
+    assert transport.sent[1:] == [b"PONG\r\n"]
+    assert (r.received, r.last, r.gaps, r.missing, r.duplicates) == (3, 4, 1, 1, 1)
+    assert list(lat) == [250, 300, 300] and r.report(4)["expected"] == 4 and r.errors == []
+
+
+def test_nats_receiver_error_fails_ready_and_idle_connections_resolve_on_pong():
+    import asyncio
+
+    from broker.bench.natsclient import CONNECT, NatsReceiver
+
+    loop = asyncio.new_event_loop()
+    try:
+        idle = NatsReceiver(None, array("q"), loop.create_future())
+        idle.transport = transport = _Sent()
+        idle.feed(b"INFO {}\r\nPONG\r\n", 0)
+        assert transport.sent == [CONNECT + b"PING\r\n"] and idle.ready is not None and idle.ready.done()
+        assert idle.start is None    # W3: nothing to count
+        refused = NatsReceiver("user:1", array("q"), loop.create_future())
+        refused.feed(b"-ERR 'Authorization Violation'\r\n", 0)
+        assert refused.ready is not None and "Authorization Violation" in str(refused.ready.exception())
+    finally:
+        loop.close()
+
+
+def test_publication_data_is_the_body_data():
+    body = publication_body("user:3", 7, 123)
+    assert body == b'{"channel":"user:3","data":%s}' % publication_data(7, 123)
+    assert publication_data(7, 123).startswith(b'{"ts":123,"seq":7,')
+
+
 def test_publication_body_is_about_200_bytes_with_ts_first():
     body = publication_body("bill:1", 12345, 1_700_000_000_000_000_000)
     msg = json.loads(body)
@@ -302,7 +355,27 @@ def test_cli_help_lists_the_options():
 
 def test_cli_rejects_unknown_workload_and_target():
     assert CliRunner().invoke(bench, ["--workload", "w9"]).exit_code == 2
-    assert CliRunner().invoke(bench, ["--targets", "nats", "--spawn"]).exit_code == 2
+    assert CliRunner().invoke(bench, ["--targets", "nginx", "--spawn"]).exit_code == 2
+
+
+def test_cli_nats_without_nats_server_is_a_clear_error(tmp_path):
+    result = CliRunner().invoke(bench, ["--targets", "broker,nats", "--spawn"],
+                                env={"NATS_SERVER": str(tmp_path / "no-such-nats-server")})
+    assert result.exit_code == 2 and "target nats needs nats-server" in result.output
+
+
+def test_compare_includes_nats_only_where_nats_server_is(tmp_path):
+    from broker.bench.cli import _split_targets
+
+    fake = tmp_path / "nats-server"
+    fake.write_text("#!/bin/sh\n")
+    fake.chmod(0o755)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("NATS_SERVER", str(fake))
+        assert _split_targets(None, True) == ["broker", "picows", "websockets", "nats"]
+        mp.setenv("NATS_SERVER", str(tmp_path / "missing"))
+        assert _split_targets(None, True) == ["broker", "picows", "websockets"]
+        assert _split_targets(None, False) == ["broker"]
 
 
 def test_cli_w2_against_url_needs_a_secret():

@@ -12,13 +12,16 @@ import click
 __all__ = ["bench"]
 
 WORKLOAD_NAMES = ("w1-1k", "w1-5k", "w2", "w3", "mixed", "flood")
-TARGET_NAMES = ("broker", "picows", "websockets", "broker-socketio", "socketio-node", "broker-redis")
-COMPARE_NAMES = ("broker", "picows", "websockets")   # --compare without --targets
+TARGET_NAMES = ("broker", "picows", "websockets", "nats", "broker-socketio", "socketio-node", "broker-redis")
+COMPARE_NAMES = ("broker", "picows", "websockets", "nats")   # --compare without --targets (nats if installed)
 
 
 def _split_targets(value: str | None, compare: bool, redis: bool = False) -> list[str]:
+    from broker.bench.nats import nats_server_path
+
     if value is None:
-        names = list(COMPARE_NAMES) if compare else ["broker"]
+        names = ([n for n in COMPARE_NAMES if n != "nats" or nats_server_path() is not None]
+                 if compare else ["broker"])
         return [*names, "broker-redis"] if redis else names
     names = [v.strip() for v in value.split(",") if v.strip()]
     bad = [n for n in names if n not in TARGET_NAMES]
@@ -26,6 +29,9 @@ def _split_targets(value: str | None, compare: bool, redis: bool = False) -> lis
         raise click.BadParameter(
             f"unknown target(s) {', '.join(bad) or '(none)'}; choose from {', '.join(TARGET_NAMES)}",
             param_hint="--targets")
+    if "nats" in names and nats_server_path() is None:
+        raise click.BadParameter("target nats needs nats-server (install it, put it on PATH, or set NATS_SERVER)",
+                                 param_hint="--targets")
     return names
 
 
@@ -49,12 +55,14 @@ def _split_targets(value: str | None, compare: bool, redis: bool = False) -> lis
 @click.option("--spawn", is_flag=True, help="Start the broker (on a free port) per workload and stop it after.")
 @click.option("--shards", type=click.IntRange(min=1), default=1, show_default=True, help="Shards of a spawned broker.")
 @click.option("--compare", is_flag=True,
-              help="Also run the baselines (picows, websockets) under the same load; print ratios.")
+              help="Also run the baselines (picows, websockets, and nats when nats-server is installed) "
+                   "under the same load; print ratios.")
 @click.option("--targets", "targets_opt", metavar="LIST",
-              help="Comma-separated targets to run: broker,picows,websockets,broker-socketio (the broker through "
+              help="Comma-separated targets to run: broker,picows,websockets,nats (a nats-server of the run's "
+                   "own: receivers over its WebSocket, PUBs over TCP),broker-socketio (the broker through "
                    "its Socket.IO endpoint),socketio-node (the Node socket.io server; needs node),"
                    "broker-redis (the broker on the Redis engine; see --redis) "
-                   "[broker; the first three with --compare; plus broker-redis with --redis].")
+                   "[broker; the first four with --compare; plus broker-redis with --redis].")
 @click.option("--drain-timeout", type=click.FloatRange(min=0.5), default=10.0, show_default=True,
               help="Max wait for in-flight deliveries after the last publication.")
 @click.option("--log-dir", type=click.Path(file_okay=False), help="Write spawned servers' logs here.")

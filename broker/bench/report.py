@@ -11,6 +11,7 @@ import time
 from typing import Any, TextIO
 
 from . import stats
+from .nats import spawn_nats
 from .runner import RunOptions, report_document, run_workload, workload, workload_dict
 from .targets import Target, attach, socketio_url, spawn_baseline, spawn_broker, spawn_redis
 
@@ -56,6 +57,8 @@ def _start(name: str, workload_name: str, *, spawn: bool, url: str | None, http_
             target.name = name
             target.ws_url = socketio_url(target.http_url)
         return target
+    if name == "nats":   # always a nats-server of this run's own, on free ports
+        return spawn_nats(log_path=log)
     return spawn_baseline(name, log_path=log)
 
 

@@ -249,6 +249,14 @@ def _streams(w: Workload, opts: RunOptions) -> list[dict[str, Any]]:
     return streams
 
 
+def _publish_over(target: Target, opts: RunOptions) -> str:
+    """NATS takes PUBs on its client port; the other baselines have no
+    backend stream, so they keep HTTP."""
+    if target.protocol == "nats":
+        return "nats"
+    return opts.publish_over if target.name in BROKER_NATIVE else "http"
+
+
 def run_workload(target: Target, w: Workload, opts: RunOptions) -> dict[str, Any]:
     """Run workload ``w`` against ``target``; returns one result record."""
     from .targets import RssSampler
@@ -276,7 +284,7 @@ def run_workload(target: Target, w: Workload, opts: RunOptions) -> dict[str, Any
         for i in range(n_workers):
             params = {"spec": spec, "indices": list(range(i, w.connections, n_workers)), "ws_url": target.ws_url,
                       "jwt_secret": opts.jwt_secret, "concurrency": concurrency, "budget": budget,
-                      "deflate": opts.deflate}
+                      "deflate": opts.deflate, "protocol": target.protocol}
             workers.receivers.append(workers.start(receiver_main, params, i))
         streams = _streams(w, opts)
         if streams:
@@ -284,8 +292,7 @@ def run_workload(target: Target, w: Workload, opts: RunOptions) -> dict[str, Any
             workers.publisher = workers.start(
                 publisher_main, {"http_host": host, "http_port": port, "api_key": opts.api_key,
                                  "streams": streams, "budget": budget,
-                                 # the baselines have no backend stream: they keep HTTP
-                                 "publish_over": opts.publish_over if target.name in BROKER_NATIVE else "http"},
+                                 "publish_over": _publish_over(target, opts)},
                 n_workers)
         for _, pipe in workers.all:
             workers.pids.append(_expect(pipe, "ready", 60))

@@ -142,6 +142,8 @@ class Target:
     tree: ProcessTree = field(init=False)
     log_path: str | None = None
     redis: RedisProcess | None = None   # a Redis this run started for the server (stopped after it)
+    protocol: str = "native"     # what the load speaks: "native" (PROTOCOL.md) or "nats"
+    stop_signal: int = signal.SIGTERM   # nats-server exits 0 on SIGINT, 1 on SIGTERM
 
     def __post_init__(self) -> None:
         self.tree = ProcessTree(self.pid)
@@ -153,17 +155,17 @@ class Target:
             return False
 
     def stop(self) -> int | None:
-        """Stop the server if this run started it (SIGTERM, then SIGKILL after 20 s)."""
+        """Stop the server if this run started it (``stop_signal``, SIGKILL if it does not end)."""
         spawned, self.spawned = self.spawned, None
         try:
-            return _stop(spawned)
+            return _stop(spawned, self.stop_signal)
         finally:
             redis, self.redis = self.redis, None
             if redis is not None:
                 redis.stop()
 
 
-def _stop(spawned: Any) -> int | None:
+def _stop(spawned: Any, sig: int = signal.SIGTERM) -> int | None:
     """Stop a server this run started (SIGTERM, then SIGKILL)."""
     if spawned is None:
         return None
@@ -174,7 +176,7 @@ def _stop(spawned: Any) -> int | None:
             return -9
     proc: subprocess.Popen[bytes] = spawned
     if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(sig)
         try:
             proc.wait(10)
         except subprocess.TimeoutExpired:

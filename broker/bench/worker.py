@@ -12,6 +12,9 @@ Two roles, each a process of its own with its own uvloop loop, started by
   on a schedule (open loop: publication i is due at t0 + i/rate), keeping
   every channel's last acknowledged offset so receivers know what to expect.
 
+Against NATS (``protocol`` "nats") the same roles speak the NATS protocol
+instead: see ``broker.bench.natsclient``.
+
 Parent and worker talk over a ``multiprocessing`` pipe (commands in,
 reports out). Progress goes through a shared int64 array the parent polls.
 Every worker arms ``SIGALRM`` with its whole budget, so it ends by itself
@@ -37,6 +40,7 @@ __all__ = [
     "SocketIOReceiver",
     "channel_of",
     "publication_body",
+    "publication_data",
     "raise_nofile_limit",
     "receiver_main",
     "publisher_main",
@@ -49,6 +53,7 @@ SLOTS = 6
 
 FANOUT_CHANNEL = "bill:1"
 _PAD = "x" * 150   # data is ~200 bytes: {"ts":<16-19 digits>,"seq":N,"pad":"xxx..."}
+_PAD_BYTES = _PAD.encode()
 
 _monotonic_ns = time.monotonic_ns
 
@@ -77,11 +82,15 @@ def channel_of(spec: dict[str, Any], index: int) -> str | None:
     return None
 
 
+def publication_data(seq: int, ts_ns: int) -> bytes:
+    """A publication's ``data`` (the whole payload for NATS): ``ts`` first so
+    receivers find it right after the ``{``."""
+    return b'{"ts":%d,"seq":%d,"pad":"%s"}' % (ts_ns, seq, _PAD_BYTES)
+
+
 def publication_body(channel: str, seq: int, ts_ns: int) -> bytes:
-    """The JSON body of one ``POST /api/publish``; ``ts`` first so receivers
-    find it right after ``"data":{``."""
-    return b'{"channel":"%s","data":{"ts":%d,"seq":%d,"pad":"%s"}}' % (
-        channel.encode(), ts_ns, seq, _PAD.encode())
+    """The JSON body of one ``POST /api/publish``: the channel and ``data``."""
+    return b'{"channel":"%s","data":%s}' % (channel.encode(), publication_data(seq, ts_ns))
 
 
 # -- receivers -----------------------------------------------------------------------
@@ -444,7 +453,7 @@ async def _receivers(conn: Any, progress: Any, base: int, params: dict[str, Any]
                 times["start"] = time.monotonic()
                 await _connect_all(ws_connect, ws_url, spec, indices, tokens, latencies, receivers,
                                    connect_errors, state, params.get("concurrency", 64),
-                                   bool(params.get("deflate")))
+                                   bool(params.get("deflate")), params.get("protocol", "native"))
                 times["end"] = time.monotonic()
                 conn.send(("connected", {"connected": state["connected"], "failed": state["failed"],
                                          "start": times["start"], "end": times["end"],
@@ -496,19 +505,27 @@ def _mint_tokens(spec: dict[str, Any], indices: list[int], secret: str | None) -
 async def _connect_all(ws_connect: Any, ws_url: str, spec: dict[str, Any], indices: list[int],
                        tokens: dict[int, str], latencies: array[int], receivers: list[Receiver],
                        errors: Counter[str], state: dict[str, int], concurrency: int,
-                       deflate: bool = False) -> None:
+                       deflate: bool = False, protocol: str = "native") -> None:
     loop = asyncio.get_running_loop()
     gate = asyncio.Semaphore(max(1, concurrency))
 
     socketio = "/socket.io/" in ws_url
+    nats = protocol == "nats"
+    if nats:
+        from .natsclient import NatsReceiver
 
     async def one(index: int) -> None:
         channel = channel_of(spec, index)
-        url = ws_url if index not in tokens or socketio else f"{ws_url}?token={tokens[index]}"
+        url = ws_url if index not in tokens or socketio or nats else f"{ws_url}?token={tokens[index]}"
         async with gate:
             ready = loop.create_future()
-            receiver = (SocketIOReceiver(channel, latencies, ready, tokens.get(index)) if socketio
-                        else Receiver(channel, latencies, ready))
+            receiver: Receiver
+            if socketio:
+                receiver = SocketIOReceiver(channel, latencies, ready, tokens.get(index))
+            elif nats:
+                receiver = NatsReceiver(channel, latencies, ready)
+            else:
+                receiver = Receiver(channel, latencies, ready)
             try:
                 await ws_connect(lambda: receiver, url, websocket_handshake_timeout=15,
                                  read_buffer_init_size=4096, extra_headers=DEFLATE_OFFER if deflate else None)
@@ -777,7 +794,12 @@ async def _publisher(conn: Any, progress: Any, base: int, params: dict[str, Any]
                 budget = cmd[1]
                 t0 = time.monotonic()
                 deadline = t0 + budget
-                await asyncio.gather(*(run_conn(s, t0, deadline) for s in streams for _ in range(s.http_conns)))
+                if params.get("publish_over") == "nats":
+                    from .natsclient import publish_streams
+                    await publish_streams(streams, host, port, t0, deadline, state, finals, statuses)
+                else:
+                    await asyncio.gather(*(run_conn(s, t0, deadline)
+                                           for s in streams for _ in range(s.http_conns)))
                 t1 = time.monotonic()
                 progress[base + SLOT_PUBLISHED] = state["ok"]
                 conn.send(("published", {"ok": state["ok"], "failed": state["failed"], "start": t0, "end": t1,

@@ -2,12 +2,15 @@
 run points at, against real processes."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
 import psutil
 import pytest
 
+from broker.bench.nats import nats_server_path, spawn_nats
+from broker.bench.runner import RunOptions, run_workload, workload
 from broker.bench.targets import ProcessTree, Target, attach, spawn_baseline
 from broker.testing import free_port
 
@@ -66,3 +69,42 @@ def test_a_process_tree_keeps_the_cpu_of_children_that_ended():
     finally:
         parent.kill()
         parent.wait()
+
+
+def _need_nats_server() -> None:
+    """nats-server missing: skip, except under CI=true, where that is a failure."""
+    if nats_server_path() is None:
+        message = "nats-server not installed (or set NATS_SERVER)"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(message + " (CI=true: a missing dependency is a failure)")
+        pytest.skip(message)
+
+
+@pytest.mark.parametrize(("name", "per_publication"), [("w1-1k", 30), ("w2", 1)])
+def test_a_tiny_run_against_nats_delivers_every_publication_in_order(tmp_path, name, per_publication):
+    _need_nats_server()
+    target = spawn_nats(log_path=str(tmp_path / "nats.log"))
+    try:
+        assert target.protocol == "nats" and target.ws_url.startswith("ws://127.0.0.1:")
+        assert target.tree.root.name() == "nats-server" and target.alive()  # our own, not a system one
+        record = run_workload(target, workload(name, connections=30, rate=20, duration=1),
+                              RunOptions(workers=1, jwt_secret="unused-by-nats", drain_timeout=5, progress=None))
+    finally:
+        code = target.stop()
+    assert code == 0 and not target.alive()   # SIGINT: a clean exit
+    assert record["errors"] == [] and record["connections"] == 30 and record["publications"] == 20
+    assert record["deliveries_expected"] == record["deliveries_received"] == 20 * per_publication
+    assert record["offset_gaps"] == record["offsets_missing"] == record["duplicates"] == record["disconnects"] == 0
+    assert record["latency_samples"] == record["deliveries_received"] and record["latency_p50_ms"] > 0
+    assert record["server_cpu_seconds"] > 0 and record["rss_per_connection_bytes"] is not None
+
+
+def test_nats_takes_a_connect_storm_without_a_publisher(tmp_path):
+    _need_nats_server()
+    target = spawn_nats()
+    try:
+        record = run_workload(target, workload("w3", connections=40), RunOptions(workers=2, progress=None))
+    finally:
+        target.stop()
+    assert record["errors"] == [] and record["connections"] == 40 and record["connect_rate"] > 0
+    assert record["publications"] is None and record["peak_rss_bytes"] > 0
