@@ -1,0 +1,60 @@
+"""The supervisor's own exits: a port it cannot listen on (exit 1, and the
+warning about a missing api_key first), and a stop that arrives while a
+deploy runs (the deploy is cancelled and answered, the broker exits 0)."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from broker.testing import BrokerProcess
+
+pytestmark = pytest.mark.timeout(90)
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_a_port_in_use_is_an_error_naming_it(tmp_path):
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("BROKER_")}
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+        result = subprocess.run([sys.executable, "-m", "broker", "serve", "--port", str(port), "--shards", "1"],
+                                env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1, result.stderr
+    assert "no api_key configured" in result.stderr
+    assert f"error: cannot listen on 127.0.0.1:{port}: " in result.stderr
+
+
+def test_a_stop_during_a_deploy_cancels_it_and_the_broker_exits_0(broker_factory):
+    broker: BrokerProcess = broker_factory("--shards", "1", "--allow-anonymous")
+    outcome: dict[str, object] = {}
+
+    def deploy() -> None:
+        outcome["reply"] = broker.api("POST", "/api/admin/deploy", {"config": None})
+
+    runner = threading.Thread(target=deploy)
+    runner.start()
+    # Stop once the deploy holds the operator (a reload is refused as busy).
+    deadline = time.monotonic() + 30
+    while True:
+        status, reply = broker.api("POST", "/api/admin/reload", {"config": None})
+        if status == 409:
+            break
+        assert time.monotonic() < deadline and runner.is_alive(), reply
+        time.sleep(0.02)
+    broker.process.send_signal(signal.SIGTERM)
+    runner.join(60)
+    assert broker.process.wait(30) == 0
+    status, reply = outcome["reply"]
+    last = reply.splitlines()[-1] if isinstance(reply, str) else reply
+    assert status == 503 and "the broker is stopping" in str(last), reply
