@@ -1,7 +1,9 @@
 """load_config edges the main table does not reach: the cluster transport,
 the Redis section, Redis URL shapes, host names and the features table."""
 import pytest
+from click.testing import CliRunner
 
+from broker.cli import main
 from broker.config import JWT, load_config
 from broker.errors import ConfigError
 
@@ -63,3 +65,9 @@ def test_algorithms_parse_from_comma_separated_text():
     assert parse("jwt.algorithms", " HS256, HS512 ,", True) == ("HS256", "HS512")
     with pytest.raises(ConfigError):
         parse("jwt.algorithms", " , ", True)
+
+
+def test_check_config_without_a_file_says_what_to_give():
+    result = CliRunner().invoke(main, ["check-config"])
+    assert result.exit_code == 2
+    assert result.stderr == "error: FILE: give a config file to check (or --diff OLD NEW)\n"

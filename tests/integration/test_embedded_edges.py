@@ -3,12 +3,16 @@ deploys and reloads are answered 501; without an api_key the admin API
 answers loopback only (403 otherwise)."""
 from __future__ import annotations
 
+import asyncio
 import socket
+import time
 
 import pytest
 
-from broker import Broker
+from broker import Broker, Client, Publisher
 from broker.testing import http_json
+
+from ..redis_helpers import RedisServer
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -39,3 +43,25 @@ def test_start_twice_bad_host_and_shutdown_before_start():
             embedded.start()
     with pytest.raises(RuntimeError, match="did not start"):
         Broker(host="256.0.0.1", port=0).start()
+
+
+def test_an_embedded_broker_on_the_redis_engine_publishes_and_delivers(tmp_path):
+    redis = RedisServer(tmp_path).start()
+    try:
+        with Broker(port=0, api_key="k", allow_anonymous=True, redis_url=redis.url) as embedded:
+            deadline = time.monotonic() + 15   # ready once the engine reaches Redis
+            while http_json("GET", embedded.url + "/readyz")[0] != 200:
+                assert time.monotonic() < deadline, "the embedded broker never became ready"
+                time.sleep(0.05)
+            async def scenario() -> tuple[int, object]:
+                got: asyncio.Queue = asyncio.Queue()
+                async with Client(embedded.ws_url) as client:
+                    await client.subscribe("bill:R1", got.put_nowait)
+                    with Publisher(embedded.url, api_key="k") as publisher:
+                        reply = await asyncio.to_thread(publisher.publish, "bill:R1", {"v": 1})
+                    pub = await asyncio.wait_for(got.get(), 10)
+                    return reply["offset"], pub.data
+            assert asyncio.run(scenario()) == (1, {"v": 1})
+        assert "bill:R1" in redis.cli("KEYS", "*")  # the channel's state lives in Redis
+    finally:
+        redis.stop()

@@ -214,3 +214,14 @@ def test_a_full_shard_refuses_new_sessions_with_503(broker_factory, tmp_path):
         for _ in range(4):
             assert http("POST", polling_url(full, sid), b"6") == (200, b"ok")
     assert full.stop() == 0
+
+
+def test_a_sid_naming_a_shard_that_does_not_exist_drops_the_connection(broker):
+    """The request is handed to shard 7's socket, which no process holds: the
+    connection is let go (the client reconnects) and the shard serves on."""
+    with socket.create_connection(("127.0.0.1", broker.port), timeout=10) as raw:
+        raw.sendall(b"GET /socket.io/?EIO=4&transport=polling&sid=7.aaaaaaaaaaaaaaaaaaaa HTTP/1.1\r\n"
+                    b"Host: x\r\n\r\n")
+        assert raw.recv(4096) == b""   # closed, unanswered
+    sid = open_polling(broker)
+    assert http("POST", polling_url(broker, sid), b"6") == (200, b"ok")
