@@ -1,6 +1,7 @@
 """The supervisor's own exits: a port it cannot listen on (exit 1, and the
 warning about a missing api_key first), and a stop that arrives while a
-deploy runs (the deploy is cancelled and answered, the broker exits 0)."""
+deploy runs (the deploy is cancelled and answered, the broker exits 0),
+and a shard that hangs at stop (killed, and the broker exits 1)."""
 from __future__ import annotations
 
 import os
@@ -12,8 +13,10 @@ import threading
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
+from broker.generations import describe_exit
 from broker.testing import BrokerProcess
 
 pytestmark = pytest.mark.timeout(90)
@@ -58,3 +61,24 @@ def test_a_stop_during_a_deploy_cancels_it_and_the_broker_exits_0(broker_factory
     status, reply = outcome["reply"]
     last = reply.splitlines()[-1] if isinstance(reply, str) else reply
     assert status == 503 and "the broker is stopping" in str(last), reply
+
+
+def test_a_shard_that_hangs_at_stop_is_killed_and_the_exit_says_so(broker_factory, tmp_path):
+    config = tmp_path / "quick.toml"
+    config.write_text("drain_timeout = 0.5\n")
+    broker: BrokerProcess = broker_factory("--shards", "2", "--config", str(config))
+    shards = [child for child in psutil.Process(broker.process.pid).children()
+              if "broker.worker" in child.cmdline()]
+    assert len(shards) == 2
+    shards[0].suspend()   # SIGSTOP: it cannot drain or exit
+    assert broker.stop(timeout=30) == 1   # drain_timeout + 5 s, then the kill
+    assert not shards[0].is_running() or shards[0].status() == psutil.STATUS_ZOMBIE
+    log = Path(broker.log_path).read_text()
+    assert f"shard pid {shards[0].pid} did not stop in 6s; killing it" in log
+    assert "did not stop cleanly" in log
+
+
+def test_exits_are_described_by_signal_name_or_number():
+    assert describe_exit(0) == "exited with code 0"
+    assert describe_exit(-signal.SIGKILL) == "killed by SIGKILL"
+    assert describe_exit(-200) == "killed by signal 200"   # no such signal: its number
