@@ -130,7 +130,7 @@ def test_rollback_deploy_busy_and_rollback_again(served):
 
     newer = directory / "newer.toml"
     newer.write_text(f'allow_anonymous = true\nshards = 1\nport = {broker.port}\napi_key = "{broker.api_key}"\n'
-                     "[namespaces.bill]\nhistory_size = 7\n")
+                     "[namespaces.bill]\nhistory_size = 7\n[deploy]\nfirst_wave_watch = 2\n")
     outcome: dict[str, object] = {}
 
     def deploy() -> None:
