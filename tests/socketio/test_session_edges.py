@@ -9,13 +9,15 @@ import asyncio
 import json
 import socket
 import time
+import urllib.error
+import urllib.request
 
 import pytest
 import socketio
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect
 
-from broker.testing import BrokerProcess
+from broker.testing import BrokerProcess, self_signed_cert
 
 from .test_broker import PySocketIO, http
 
@@ -225,3 +227,26 @@ def test_a_sid_naming_a_shard_that_does_not_exist_drops_the_connection(broker):
         assert raw.recv(4096) == b""   # closed, unanswered
     sid = open_polling(broker)
     assert http("POST", polling_url(broker, sid), b"6") == (200, b"ok")
+
+
+def test_through_tls_a_request_for_another_shards_session_is_unknown_there(broker_factory, tmp_path):
+    """docs/socketio.md: a TLS connection cannot move to the owner shard, so
+    a polling request that lands on the other shard is answered "Session ID
+    unknown" there; on the owner it is served, and the session lives on."""
+    cert, key = self_signed_cert(str(tmp_path))
+    tls = broker_factory("--shards", "2", "--allow-anonymous", "--tls-cert", cert, "--tls-key", key, tls_ca=cert)
+    context = tls.ssl_context
+
+    def request(method: str, url: str, body: bytes | None = None) -> tuple[int, bytes]:
+        req = urllib.request.Request(url, data=body, method=method)
+        try:
+            with urllib.request.urlopen(req, timeout=10, context=context) as response:
+                return response.status, response.read()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read()
+
+    status, body = request("GET", tls.url + "/socket.io/?EIO=4&transport=polling")
+    assert status == 200
+    url = f"{tls.url}/socket.io/?EIO=4&transport=polling&sid={json.loads(body[1:])['sid']}"
+    answers = {request("POST", url, b"6") for _ in range(30)}   # each on a new connection, on either shard
+    assert answers == {(200, b"ok"), (400, b'{"code":1,"message":"Session ID unknown"}')}
