@@ -12,11 +12,13 @@ import time
 import urllib.error
 import urllib.request
 
+import psutil
 import pytest
 import socketio
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect
 
+from broker.engine.cluster import home_of
 from broker.testing import BrokerProcess, self_signed_cert
 
 from .test_broker import PySocketIO, http
@@ -250,3 +252,43 @@ def test_through_tls_a_request_for_another_shards_session_is_unknown_there(broke
     url = f"{tls.url}/socket.io/?EIO=4&transport=polling&sid={json.loads(body[1:])['sid']}"
     answers = {request("POST", url, b"6") for _ in range(30)}   # each on a new connection, on either shard
     assert answers == {(200, b"ok"), (400, b'{"code":1,"message":"Session ID unknown"}')}
+
+
+def test_a_subscribe_whose_home_shard_is_stalled_is_answered_503(broker_factory, tmp_path):
+    """The home of the channel is stopped (SIGSTOP): a subscriber on the other
+    shard gets a 503 ack after cluster.request_timeout, and succeeds once
+    the home resumes."""
+    config = tmp_path / "cluster.toml"
+    config.write_text("allow_anonymous = true\n[cluster]\nrequest_timeout = 0.5\n")
+    cluster = broker_factory("--shards", "2", "--config", str(config))
+    channel = next(f"bill:{i}" for i in range(100) if home_of(f"bill:{i}", 2) == 1)
+    shards = {int(child.cmdline()[-1]): child for child in psutil.Process(cluster.process.pid).children()
+              if "broker.worker" in child.cmdline()}
+    shards[1].suspend()
+    try:
+        for _ in range(40):   # new connections until one is on shard 0 (those on shard 1 hang)
+            try:
+                ws = connect(f"ws://127.0.0.1:{cluster.port}/socket.io/?EIO=4&transport=websocket", open_timeout=1)
+            except TimeoutError:
+                continue
+            break
+        else:
+            raise AssertionError("no connection reached shard 0")
+        with ws:
+            assert ws.recv(timeout=10).startswith("0{")
+            ws.send("40")
+            assert ws.recv(timeout=10).startswith("40{")
+            ws.send("421" + json.dumps(["subscribe", {"channel": channel}]))
+            ack = json.loads(ws.recv(timeout=10)[3:])[0]
+            assert ack["ok"] is False and ack["code"] == 503 and "did not answer" in ack["message"], ack
+            shards[1].resume()
+            deadline = time.monotonic() + 20
+            while True:
+                ws.send("422" + json.dumps(["subscribe", {"channel": channel}]))
+                ack = json.loads(ws.recv(timeout=10)[3:])[0]
+                if ack["ok"]:
+                    break
+                assert ack["code"] == 503 and time.monotonic() < deadline, ack
+                time.sleep(0.1)
+    finally:
+        shards[1].resume()
