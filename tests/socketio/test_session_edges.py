@@ -254,10 +254,11 @@ def test_through_tls_a_request_for_another_shards_session_is_unknown_there(broke
     assert answers == {(200, b"ok"), (400, b'{"code":1,"message":"Session ID unknown"}')}
 
 
-def test_a_subscribe_whose_home_shard_is_stalled_is_answered_503(broker_factory, tmp_path):
-    """The home of the channel is stopped (SIGSTOP): a subscriber on the other
-    shard gets a 503 ack after cluster.request_timeout, and succeeds once
-    the home resumes."""
+def test_a_stalled_home_shard_costs_503s_and_acts_on_no_late_request(broker_factory, tmp_path):
+    """The home of the channel is stopped (SIGSTOP): on the other shard a
+    Socket.IO subscribe is acked 503 after cluster.request_timeout, and so
+    is a publish over the backend stream; once the home resumes, the
+    subscribe succeeds and the late publication was never stored."""
     config = tmp_path / "cluster.toml"
     config.write_text("allow_anonymous = true\n[cluster]\nrequest_timeout = 0.5\n")
     cluster = broker_factory("--shards", "2", "--config", str(config))
@@ -281,6 +282,21 @@ def test_a_subscribe_whose_home_shard_is_stalled_is_answered_503(broker_factory,
             ws.send("421" + json.dumps(["subscribe", {"channel": channel}]))
             ack = json.loads(ws.recv(timeout=10)[3:])[0]
             assert ack["ok"] is False and ack["code"] == 503 and "did not answer" in ack["message"], ack
+            # A publication forwarded to the stalled home: 503 too, and never stored (the
+            # home finds the request past its deadline when it resumes).
+            for _ in range(40):
+                try:
+                    stream = connect(f"ws://127.0.0.1:{cluster.port}/api/stream", open_timeout=1,
+                                     additional_headers={"Authorization": f"apikey {cluster.api_key}"})
+                except TimeoutError:
+                    continue
+                break
+            else:
+                raise AssertionError("no stream reached shard 0")
+            with stream:
+                stream.send(json.dumps({"op": "publish", "id": 1, "channel": channel, "data": 1}))
+                reply = json.loads(stream.recv(timeout=10))
+            assert reply["op"] == "error" and reply["code"] == 503, reply
             shards[1].resume()
             deadline = time.monotonic() + 20
             while True:
@@ -290,5 +306,6 @@ def test_a_subscribe_whose_home_shard_is_stalled_is_answered_503(broker_factory,
                     break
                 assert ack["code"] == 503 and time.monotonic() < deadline, ack
                 time.sleep(0.1)
+            assert ack["offset"] == 0   # the late publication was not acted on
     finally:
         shards[1].resume()
