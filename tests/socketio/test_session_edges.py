@@ -11,6 +11,7 @@ import socket
 import time
 import urllib.error
 import urllib.request
+from http.client import HTTPConnection
 
 import psutil
 import pytest
@@ -309,3 +310,24 @@ def test_a_stalled_home_shard_costs_503s_and_acts_on_no_late_request(broker_fact
             assert ack["offset"] == 0   # the late publication was not acted on
     finally:
         shards[1].resume()
+
+
+def test_a_wave_of_abandoned_polling_sessions_is_reclaimed(broker_factory, tmp_path):
+    """300 polling sessions whose clients vanish: each ends at its ping
+    timeout and the shard's count returns to zero (the watch then hands the
+    freed heap back, as after any wave of a few hundred)."""
+    config = tmp_path / "fast.toml"
+    config.write_text("allow_anonymous = true\n[limits]\nping_interval = 1.0\nping_timeout = 1.0\n")
+    fast = broker_factory("--shards", "1", "--config", str(config))
+    conn = HTTPConnection("127.0.0.1", fast.port, timeout=10)
+    for _ in range(300):
+        conn.request("GET", "/socket.io/?EIO=4&transport=polling")
+        response = conn.getresponse()
+        assert response.status == 200 and response.read().startswith(b'0{"sid":"0.')
+    conn.close()
+
+    def connections() -> int:
+        status, stats = fast.api("GET", "/api/stats")
+        return sum(shard["connections"] for shard in stats["shards"])
+    assert connections() >= 300
+    wait_for(lambda: connections() == 0, timeout=20, what="reclaimed sessions")
