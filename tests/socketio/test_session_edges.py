@@ -105,7 +105,7 @@ def test_a_command_flood_is_rate_limited_then_cut(broker, pyclient):
     sio.connect(broker.url)
 
     async def flood() -> list:
-        calls = [sio.client.call("subscribe", {"channel": f"bill:f{i}"}, timeout=5) for i in range(60)]
+        calls = [sio.client.call("subscribe", {"channel": f"bill:f{i}"}, timeout=2) for i in range(60)]
         return await asyncio.gather(*calls, return_exceptions=True)
     replies = sio.run(flood(), timeout=20)
     limited = [r for r in replies if isinstance(r, dict) and r.get("code") == 429]
