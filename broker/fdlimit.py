@@ -33,10 +33,10 @@ class FdCapacity:
 def _ceiling(hard: int) -> int:
     if hard != resource.RLIM_INFINITY:
         return hard
-    try:
+    try:  # pragma: no cover - Linux caps a hard RLIMIT_NOFILE at fs.nr_open: it is never RLIM_INFINITY
         with open(_NR_OPEN, encoding="ascii") as fh:
             return int(fh.read())
-    except (OSError, ValueError):
+    except (OSError, ValueError):  # pragma: no cover - as above
         return 1 << 20
 
 
@@ -49,7 +49,7 @@ def raise_nofile_limit() -> FdCapacity:
     if soft != resource.RLIM_INFINITY and soft < target:
         try:
             resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-        except (ValueError, OSError):
+        except (ValueError, OSError):  # pragma: no cover - Linux lets a process raise its soft limit to its hard one
             target = soft
     else:
         target = soft if soft != resource.RLIM_INFINITY else _ceiling(soft)

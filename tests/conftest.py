@@ -1,3 +1,6 @@
+import signal
+import subprocess
+
 import pytest
 
 from broker.testing import BrokerProcess
@@ -15,10 +18,18 @@ def broker_factory(tmp_path):
         return proc.start()
 
     yield start
-    for proc in started:
-        if proc.process is not None and proc.process.poll() is None:
-            proc.process.kill()
-            proc.process.wait()
+    # SIGTERM first: a supervisor that exits normally saves its coverage data
+    # (a killed one records nothing); a broker still draining after a few
+    # seconds is killed, so teardown stays short.
+    running = [p.process for p in started if p.process is not None and p.process.poll() is None]
+    for process in running:
+        process.send_signal(signal.SIGTERM)
+    for process in running:
+        try:
+            process.wait(5)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 @pytest.fixture
