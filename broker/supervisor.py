@@ -13,6 +13,7 @@ broker.admin) or as SIGHUP (a reload); broker.operations runs them.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import logging
 import os
 import shutil
@@ -21,7 +22,7 @@ import socket
 import sys
 import tempfile
 import time
-from typing import Any
+from typing import IO, Any
 
 import psutil
 import zmq
@@ -50,6 +51,7 @@ class Supervisor:
         self.run_dir = ""
         self.stopping = False
         self.listener: socket.socket | None = None
+        self._state_lock: IO[str] | None = None  # held while this broker owns --state-dir
         self.generations: dict[int, Generation] = {}
         self.serving: Generation | None = None
         self.history: list[tuple[str, Config]] = []   # (code dir, config) of each serving generation
@@ -101,9 +103,40 @@ class Supervisor:
     def snapshot(self, number: int) -> str:
         return snapshot_code(os.path.join(self.run_dir, "code", f"g{number}"))
 
+    def _lock_state_dir(self) -> str | None:
+        """Hold ``state_dir`` for this broker's lifetime (an flock on
+        ``state_dir/.lock``): a second broker on the same directory would
+        take the first one's journals over while it still writes them.
+        Returns why it cannot, or None."""
+        state_dir = self.config.state_dir
+        if state_dir is None:
+            return None
+        try:
+            os.makedirs(state_dir, exist_ok=True)
+            lock = open(os.path.join(state_dir, ".lock"), "a+")
+        except OSError as exc:
+            return f"cannot use the state dir {state_dir}: {exc.strerror or exc}"
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "?"
+            lock.close()
+            return f"the state dir {state_dir} is in use by another broker (supervisor pid {holder})"
+        lock.seek(0)
+        lock.truncate()
+        lock.write(f"{os.getpid()}\n")
+        lock.flush()
+        self._state_lock = lock  # released when this process exits
+        return None
+
     def run(self) -> int:
         if self.config.state_dir is not None:
             self.config.state_dir = os.path.abspath(self.config.state_dir)
+        refusal = self._lock_state_dir()
+        if refusal is not None:
+            print(f"error: {refusal}", file=sys.stderr)
+            return 1
         try:
             self._listen()
         except OSError as exc:

@@ -1,6 +1,8 @@
 """Graceful stops: nothing acknowledged is lost, clients recover after reconnect."""
 import asyncio
 import signal
+import subprocess
+import sys
 import time
 from collections import defaultdict
 
@@ -85,3 +87,26 @@ def test_drain_tells_every_client_on_every_shard_to_reconnect(broker_factory):
             client.recv()
         assert closed.value.rcvd is not None and closed.value.rcvd.code == 1012
     assert broker.process.wait(20) == 0
+
+
+def test_a_second_broker_on_the_same_state_dir_is_refused_while_the_first_runs(tmp_path):
+    state = tmp_path / "state"
+    first = BrokerProcess(args=["--shards", "1", "--allow-anonymous", "--state-dir", str(state)],
+                          log_path=str(tmp_path / "first.log")).start()
+    try:
+        first.publish("bill:1", {"n": 1})
+        second = subprocess.run([sys.executable, "-m", "broker", "serve", "--port", "0", "--shards", "1",
+                                 "--state-dir", str(state)], capture_output=True, text=True, timeout=60)
+        assert second.returncode == 1
+        assert f"state dir {state} is in use by another broker (supervisor pid {first.process.pid})" \
+            in second.stderr
+        assert first.publish("bill:1", {"n": 2})["offset"] == 2   # the first one's journal is still its own
+    finally:
+        assert first.stop(signal.SIGTERM) == 0
+    # once the first has stopped, the directory is free again and its state carries on
+    third = BrokerProcess(args=["--shards", "1", "--allow-anonymous", "--state-dir", str(state)],
+                          log_path=str(tmp_path / "third.log")).start()
+    try:
+        assert third.publish("bill:1", {"n": 3})["offset"] == 3
+    finally:
+        third.stop(signal.SIGTERM)
