@@ -104,11 +104,7 @@ class ShardOperations:
             return  # the file is older than the status: the next status retries
         apply_runtime(self.shard.config, Config.from_dict(spec["config"]))
         resized = self.shard.engine.rebound()
-        degradation = getattr(getattr(self.shard, "watch", None), "degradation", None)
-        if degradation is not None:  # [memory] thresholds are held by the shard's watch
-            memory = self.shard.config.memory
-            degradation.thresholds = type(degradation.thresholds)(memory.level1, memory.level2,
-                                                                  memory.level3, memory.hysteresis)
+        self.shard.watch.reconfigure(self.shard.config)  # [memory] thresholds
         self.config_version = spec["config_version"]
         log.info("shard %d: runtime config %d applied (%d history window(s) resized)",
                  self.shard.id, self.config_version, resized)

@@ -286,12 +286,11 @@ class Watch:
         self.cut_for_memory += cut
         return cut
 
-    def reconfigure(self, config: Config, shards: int) -> None:
-        """New limits or thresholds (a reload)."""
-        transition = self.degradation.reconfigure(shard_budget(config.memory_limit_mb, shards),
-                                                  _thresholds(config))
-        self.budget_bytes = (config.memory_limit_mb or 0) * 2**20
-        self._pending_step = max(1 << 20, self.degradation.budget // 16)
+    def reconfigure(self, config: Config) -> None:
+        """A runtime reload's ``[memory]`` thresholds (the budget itself
+        changes only with a deploy: a new process). The level is re-decided
+        from the last measurement at once."""
+        transition = self.degradation.reconfigure(self.degradation.budget, _thresholds(config))
         if transition is not None:
             log.info("shard: %s", transition.message())
 
