@@ -50,6 +50,10 @@ log = logging.getLogger("broker.shard")
 # waits until FLUSH_DUTY * T has passed (bounded by flush_max_window), so
 # flushing takes at most 1 / (1 + FLUSH_DUTY) of a busy shard's time.
 FLUSH_DUTY = 4.0
+# The window opens only when publications arrive fast enough that at least
+# one is expected within it (a quiet channel's publication is flushed at
+# once); the rate is smoothed over flushes with this weight.
+RATE_SMOOTHING = 0.3
 
 
 class Shard:
@@ -84,6 +88,9 @@ class Shard:
         self.admin_endpoint: str | None = None  # the supervisor's admin socket (broker.admin)
         self._flush_handle: asyncio.Handle | asyncio.TimerHandle | None = None
         self._next_flush = 0.0  # perf_counter time before which an adaptive flush waits
+        self._fanouts = 0       # publications delivered since the last flush began
+        self._fanout_rate = 0.0  # publications per second, smoothed over flushes
+        self._last_flush_start = time.perf_counter()
         self._process = psutil.Process(os.getpid())
         self.node_id = f"{socket.gethostname()}:{config.port}"
         # counters since start
@@ -242,6 +249,7 @@ class Shard:
 
     def deliver(self, channel: str, offset: int, data_json: bytes) -> None:
         """Fan one publication out to this shard's subscribers of ``channel``."""
+        self._fanouts += 1
         for adapter, table in self._tables.items():
             ids = table.subscribers(channel)
             count = len(ids)
@@ -306,6 +314,12 @@ class Shard:
 
     def _flush(self) -> None:
         cpu_started = time.thread_time()
+        began = time.perf_counter()
+        elapsed = began - self._last_flush_start
+        if elapsed > 0:
+            self._fanout_rate += RATE_SMOOTHING * (self._fanouts / elapsed - self._fanout_rate)
+        self._fanouts = 0
+        self._last_flush_start = began
         self._flush_handle = None
         if self._oldest_pending is not None:
             self.flush_latency.observe(self.loop.time() - self._oldest_pending)
@@ -328,7 +342,10 @@ class Shard:
         # in wall time: on a shared machine a flush preempted halfway would
         # otherwise open a long window for a shard that is not busy at all.
         cost = time.thread_time() - cpu_started
-        self._next_flush = time.perf_counter() + min(self.config.flush_max_window, FLUSH_DUTY * cost)
+        window = min(self.config.flush_max_window, FLUSH_DUTY * cost)
+        if self._fanout_rate * window < 1.0:
+            window = 0.0  # fewer than one publication expected within it: waiting batches nothing
+        self._next_flush = time.perf_counter() + window
 
     def flush_now(self) -> int:
         """Flush at once, not at the end of the loop turn (a burst of
