@@ -54,8 +54,8 @@ class Source:
         return out
 
 
-def make(**options):
-    source = Source()
+def make(source: Source | None = None, **options):
+    source = source or Source()
     streams = Streams(source, catch_up_timeout=0.5, **options)
     delivered: list[int] = []
     lost: list[str] = []

@@ -18,6 +18,7 @@ from broker.engine.streams import ATTEMPTS, EPOCH_CHANGED, Streams
 from broker.errors import EngineUnavailable
 
 from .test_streams import Source, offer, settle
+from .test_streams import make as make_streams
 
 CH = "bill:1"
 
@@ -54,13 +55,8 @@ class HeldSource(Source):
 
 
 def make(**options):
-    source = HeldSource()
-    streams = Streams(source, catch_up_timeout=0.5, **options)
-    delivered: list[int] = []
-    lost: list[str] = []
-    streams.deliver = lambda channel, offset, data: delivered.append(offset)
-    streams.lost = lambda channel, reason: lost.append(reason)
-    return source, streams, delivered, lost
+    """``test_streams.make`` over a source whose calls can be held back."""
+    return make_streams(HeldSource(), **options)
 
 
 def lose_soon(streams: Streams, channel: str = CH) -> Callable[[], None]:

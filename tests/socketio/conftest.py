@@ -35,3 +35,19 @@ def socketio_baseline(tmp_path) -> Iterator[NodeBaseline]:
     baseline = NodeBaseline(log_path=str(tmp_path / "socketio-baseline.log"))
     yield baseline
     baseline.stop()
+
+
+@pytest.fixture
+def pyclient() -> Iterator[Callable[[], Any]]:
+    """python-socketio clients (test_broker.PySocketIO), closed at teardown."""
+    from .test_broker import PySocketIO
+
+    made: list[PySocketIO] = []
+
+    def make() -> PySocketIO:
+        made.append(PySocketIO())
+        return made[-1]
+
+    yield make
+    for client in made:
+        client.close()

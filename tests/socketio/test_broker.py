@@ -92,17 +92,6 @@ class PySocketIO:
             self.loop.close()
 
 
-@pytest.fixture
-def pyclient():
-    made: list[PySocketIO] = []
-
-    def make() -> PySocketIO:
-        made.append(PySocketIO())
-        return made[-1]
-
-    yield make
-    for client in made:
-        client.close()
 
 
 @pytest.mark.parametrize("transports", [["websocket"], ["polling", "websocket"], ["polling"]])

@@ -22,7 +22,7 @@ from websockets.sync.client import connect
 from broker.engine.cluster import home_of
 from broker.testing import BrokerProcess, self_signed_cert
 
-from .test_broker import PySocketIO, http
+from .test_broker import http
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -47,17 +47,6 @@ def broker(tmp_path_factory):
     assert process.stop() == 0
 
 
-@pytest.fixture
-def pyclient():
-    made: list[PySocketIO] = []
-
-    def make() -> PySocketIO:
-        made.append(PySocketIO())
-        return made[-1]
-
-    yield make
-    for client in made:
-        client.close()
 
 
 def wait_for(condition, timeout: float = 10.0, what: str = "condition") -> None:
