@@ -47,6 +47,12 @@ def load_server_context(cert: str, key: str) -> ssl.SSLContext:
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.set_alpn_protocols(["http/1.1"])
+    # No TLS 1.3 session tickets: each shard process has its own ticket key,
+    # so a ticket would resume only on the shard that issued it, and the
+    # tickets sent after the handshake left about one Python client in
+    # eight (websockets, ssl module) waiting forever for its upgrade
+    # response on a fresh 2-shard broker (34 runs without them, none did).
+    context.num_tickets = 0
     try:
         context.load_cert_chain(os.path.abspath(cert), os.path.abspath(key))
     except ssl.SSLError as exc:
