@@ -24,7 +24,7 @@ from .adapters.session import Session
 from .config import Config
 from .fdlimit import EmfileReporter
 from .httpmsg import Response, error_response
-from .pressure import Degradation, IpConnectionTable, MemoryThresholds, shard_budget
+from .pressure import Degradation, IpConnectionTable, MemoryThresholds, Transition, shard_budget
 
 if TYPE_CHECKING:
     from .engine.base import Engine
@@ -143,7 +143,6 @@ class Watch:
         # triggers a check at once (``note_pending``): a flood fills them far
         # faster than once a second.
         self._pending_step = max(1 << 20, self.degradation.budget // 16)
-        self._history_fraction = 1.0
         self._pending_mark = self._pending_step
         self._checking = False
         self._timer: asyncio.TimerHandle | None = shard.loop.call_later(TICK, self._tick)
@@ -230,16 +229,8 @@ class Watch:
             rss = self._process.memory_info().rss
         except psutil.Error:  # pragma: no cover - our own process
             return
-        transition = self.degradation.update(rss)
-        if transition is not None:
-            (log.warning if transition.rising else log.info)("shard: %s", transition.message())
+        self._changed(self.degradation.update(rss))
         level = self.degradation.level
-        fraction = HISTORY_UNDER_PRESSURE if level >= 1 else 1.0
-        if fraction != self._history_fraction:
-            self._history_fraction = fraction
-            resized = self.shard.engine.scale_history(fraction)
-            log.info("shard: history windows at %d%% of their size (%d channels resized)",
-                     round(fraction * 100), resized)
         if level >= 2:
             if not self._checking:
                 self._checking = True
@@ -290,9 +281,19 @@ class Watch:
         """A runtime reload's ``[memory]`` thresholds (the budget itself
         changes only with a deploy: a new process). The level is re-decided
         from the last measurement at once."""
-        transition = self.degradation.reconfigure(self.degradation.budget, _thresholds(config))
-        if transition is not None:
-            log.info("shard: %s", transition.message())
+        self._changed(self.degradation.reconfigure(self.degradation.budget, _thresholds(config)))
+
+    def _changed(self, transition: Transition | None) -> None:
+        """A change of level, from a measurement or a reload: logged once;
+        crossing level 1 shrinks the history windows or gives them back."""
+        if transition is None:
+            return
+        (log.warning if transition.rising else log.info)("shard: %s", transition.message())
+        if (transition.old >= 1) != (transition.new >= 1):
+            fraction = HISTORY_UNDER_PRESSURE if transition.new >= 1 else 1.0
+            resized = self.shard.engine.scale_history(fraction)
+            log.info("shard: history windows at %d%% of their size (%d channels resized)",
+                     round(fraction * 100), resized)
 
     def close(self) -> None:
         if self._timer is not None:
