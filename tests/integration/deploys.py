@@ -33,7 +33,27 @@ def operate(broker: BrokerProcess, *args: str, env: dict[str, str] | None = None
     return result.returncode, lines[:-1], json.loads(lines[-1]) | {"stderr": result.stderr}
 
 
-class Traffic:
+class Background:
+    """A loop (``_run``, which checks ``_stop``) in a daemon thread, from
+    ``start()`` to ``stop()``."""
+
+    def __init__(self) -> None:
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> Background:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(30)
+
+    def _run(self) -> None:
+        raise NotImplementedError
+
+
+class Traffic(Background):
     """Publishes round-robin over ``channels`` from a thread, about ``rate``
     per second, retrying each publication until it is acknowledged."""
 
@@ -43,16 +63,7 @@ class Traffic:
         self.acked: dict[str, list[tuple[int, int]]] = defaultdict(list)  # channel -> (offset, seq)
         self.refused = 0            # 503s (fenced or unreachable) that were retried
         self.seq = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def start(self) -> Traffic:
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(30)
+        super().__init__()
 
     def _run(self) -> None:
         # A long timeout: a request queued in the listening socket while no
@@ -143,7 +154,7 @@ def peak_per_window(times: list[float], window: float) -> int:
     return peak
 
 
-class Prober:
+class Prober(Background):
     """A fresh TCP connection and ``GET /healthz`` every few milliseconds from
     a thread: a connection reset or refused while generations change hands
     shows up as a failure."""
@@ -152,16 +163,7 @@ class Prober:
         self.url = url
         self.ok = 0
         self.failures: list[str] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def start(self) -> Prober:
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(30)
+        super().__init__()
 
     def _run(self) -> None:
         import urllib.request
