@@ -73,7 +73,7 @@ _SERVE_SETTINGS = ("host", "port", "shards", "api_key", "jwt_secret", "allow_ano
 @click.option("--drain-timeout", metavar="SECONDS", help="Graceful stop budget [10].")
 @click.option("--flush-interval", metavar="SECONDS", help="Fixed batching window, 0 = adaptive [0].")
 @click.option("--flush-max-window", metavar="SECONDS",
-              help="Bound of the adaptive batching window, 0 = flush every loop turn [0.03].")
+              help="Bound of the adaptive batching window, 0 = flush every loop turn [0.05].")
 @click.option("--compression/--no-compression", default=None, help="Accept permessage-deflate [on].")
 @click.option("--log-level", metavar="LEVEL", help="debug, info, warning, error, critical [info].")
 @click.option("--tls-cert", metavar="FILE", help="PEM certificate chain: serve wss:// and https:// [off].")

@@ -162,7 +162,7 @@ class Config:
     state_dir: str | None = None             # where shards journal channel state; None = the run dir (gone at exit)
     drain_timeout: float = 10.0              # seconds for a graceful stop
     flush_interval: float = 0.0              # fixed batching window in seconds; 0 = adaptive
-    flush_max_window: float = 0.03           # adaptive window's bound in seconds; 0 = end of each loop turn
+    flush_max_window: float = 0.05           # adaptive window's bound in seconds; 0 = end of each loop turn
     compression: bool = True                 # accept permessage-deflate offers
     log_level: str = "info"
     limits: Limits = field(default_factory=Limits)
