@@ -6,8 +6,9 @@ Per shard:
   at the sender, so a shard receives only channels it subscribed to.
 - SUB (connected to every other shard's XPUB): subscribed to a channel's
   topic on the first local subscriber, unsubscribed on the last.
-- ROUTER (bound) / DEALER (one per peer, connected): requests between shards
-  (forwarded publishes, recovery, history, stats), each with a deadline.
+- requests between shards (forwarded publishes, recovery, history, stats),
+  each with a deadline, go over ``broker.peerlink``'s stream sockets, not
+  ZeroMQ.
 - SUB to the supervisor's status, PUSH to the supervisor's control socket.
 
 Joining a channel's stream without a gap uses the stream itself: the shard
@@ -36,6 +37,7 @@ from collections.abc import Callable
 import zmq
 
 from .errors import EngineUnavailable
+from .peerlink import PeerLinks
 
 __all__ = ["Endpoints", "Router", "Drain", "topic_of", "SYNC"]
 
@@ -43,7 +45,6 @@ log = logging.getLogger("broker.router")
 
 SYNC = b"\x01"            # first byte of a sync topic (never in a channel name)
 _SYNC_HEAD = struct.Struct("!HQ")  # home shard id, nonce
-REQUEST_HWM = 100_000  # requests in flight per peer; each also has a deadline
 OK = b"ok"
 ERR = b"err"
 
@@ -170,7 +171,7 @@ BACKLOG_LIMIT = 100000  # publications waiting for a full pipe before they are d
 
 
 class Router:
-    """One shard's ZeroMQ sockets and the request/response bookkeeping."""
+    """One shard's ZeroMQ sockets, its request links and the request/response bookkeeping."""
 
     def __init__(self, shard_id: int, endpoints: Endpoints, loop: asyncio.AbstractEventLoop,
                  high_water_mark: int, request_timeout: float) -> None:
@@ -208,18 +209,9 @@ class Router:
         for peer, address in enumerate(endpoints.pub):
             if peer != shard_id:
                 self.sub.connect(address)
-        # The high-water mark bounds the publication stream only: a drop
-        # there is repaired from history. A dropped request or answer could
-        # not be: it would turn a stored publication into a 503.
-        self.router = self._socket(zmq.ROUTER, REQUEST_HWM)
-        self.router.bind(endpoints.req[shard_id])
-        self.dealers: dict[int, zmq.Socket[bytes]] = {}
-        for peer, address in enumerate(endpoints.req):
-            if peer != shard_id:
-                dealer = self._socket(zmq.DEALER, REQUEST_HWM)
-                dealer.setsockopt(zmq.IMMEDIATE, 1)  # never queue for a peer that is down
-                dealer.connect(address)
-                self.dealers[peer] = dealer
+        # Requests and their answers go over plain stream sockets the loop
+        # reads itself (broker.peerlink): never dropped, no ZeroMQ thread.
+        self.links = PeerLinks(shard_id, endpoints.req, loop, self._serve, self._on_reply)
         self.status = self._socket(zmq.SUB, 100)
         self.status.setsockopt(zmq.SUBSCRIBE, b"")
         self.status.connect(endpoints.status)
@@ -234,12 +226,7 @@ class Router:
         self._xpub_drain = Drain(loop, self.xpub, self._on_xpub)
         self._outbox: dict[int, list[tuple[list[bytes], float, asyncio.Future[list[bytes]]]]] = {}
         self._send_handle: asyncio.Handle | None = None
-        self._replies: dict[bytes, list[list[bytes]]] = {}
-        self._router_drain = Drain(loop, self.router, self._on_router, self._send_replies)
-        self._reply_drains = {peer: Drain(loop, dealer, self._on_reply)
-                              for peer, dealer in self.dealers.items()}
-        self._drains = [self._sub_drain, self._xpub_drain, self._router_drain,
-                        Drain(loop, self.status, self._on_status), *self._reply_drains.values()]
+        self._drains = [self._sub_drain, self._xpub_drain, Drain(loop, self.status, self._on_status)]
 
     def _socket(self, kind: int, hwm: int, receive_hwm: int | None = None) -> zmq.Socket[bytes]:
         """A socket with send/receive high-water marks (0 = no limit)."""
@@ -258,6 +245,7 @@ class Router:
             self._resend = None
         for drain in self._drains:
             drain.close()
+        self.links.close()
         futures: list[asyncio.Future[Any]] = [*self._pending.values(), *self._syncs.values()]
         for future in futures:
             if not future.done():
@@ -386,12 +374,17 @@ class Router:
         self._xpub_drain.kick()
 
     # ------------------------------------------------------------- requests
-    # Requests to a peer and replies to a peer are sent once per loop turn:
-    # what one turn produced for one peer goes out as ONE ZeroMQ message (a
-    # batch: an empty first frame, then each message as its frame count and
-    # its frames), so a busy shard wakes the ZeroMQ threads and the peer
-    # once per turn, not once per publication. Both ends run the same code
+    # Requests to a peer are sent once per loop turn: what one turn produced
+    # for one peer goes out as ONE message (a batch: an empty first frame,
+    # then each message as its frame count and its frames), and the answers
+    # to one message come back as one, so a busy shard wakes its peer once
+    # per turn, not once per publication. Both ends run the same code
     # (requests never cross generations).
+    @property
+    def peers(self) -> list[int]:
+        """The other shards of this generation."""
+        return self.links.peers
+
     async def request(self, peer: int, verb: bytes, *args: bytes,
                       timeout: float | None = None) -> list[bytes]:
         """Send a request to ``peer`` and wait for its answer; EngineUnavailable
@@ -421,7 +414,7 @@ class Router:
 
     def _send_requests(self) -> None:
         """Send every peer's queued requests, one message per peer. A peer
-        that is not connected (down or restarting: IMMEDIATE refuses) keeps
+        that is not connected (down, restarting, or not yet reached) keeps
         its requests; they are tried again shortly until their deadline."""
         self._send_handle = None
         outbox, self._outbox = self._outbox, {}
@@ -430,22 +423,19 @@ class Router:
             queued = [item for item in queued if not item[2].done()]  # expired or cancelled: never sent late
             if not queued:
                 continue
-            try:
-                send_frames(self.dealers[peer], _batch([message for message, _, _ in queued]))
-            except zmq.Again:
-                late = time.time() + UNREACHABLE_RETRY
-                kept = []
-                for item in queued:
-                    if item[1] < late:
-                        self.requests_failed += 1
-                        item[2].set_exception(EngineUnavailable(f"shard {peer} is unreachable"))
-                    else:
-                        kept.append(item)
-                if kept:
-                    self._outbox.setdefault(peer, [])[:0] = kept  # before anything queued meanwhile
-                    retry = True
+            if self.links.send(peer, _batch([message for message, _, _ in queued])):
                 continue
-            self._reply_drains[peer].kick()
+            late = time.time() + UNREACHABLE_RETRY
+            kept = []
+            for item in queued:
+                if item[1] < late:
+                    self.requests_failed += 1
+                    item[2].set_exception(EngineUnavailable(f"shard {peer} is unreachable"))
+                else:
+                    kept.append(item)
+            if kept:
+                self._outbox.setdefault(peer, [])[:0] = kept  # before anything queued meanwhile
+                retry = True
         if retry and self._send_handle is None:
             self._send_handle = self.loop.call_later(UNREACHABLE_RETRY, self._send_requests)
 
@@ -455,33 +445,20 @@ class Router:
             if future is not None and not future.done():
                 future.set_result(reply[1:])
 
-    def _on_router(self, frames: list[bytes]) -> None:
-        identity = frames[0]
+    def _serve(self, frames: list[bytes]) -> list[bytes] | None:
+        """A peer's request message: the answers, as one message."""
         now = time.time()
-        replies = self._replies.setdefault(identity, [])
-        for request_id, verb, deadline, *args in _unbatch(frames[1:]):
+        replies = []
+        for request_id, verb, deadline, *args in _unbatch(frames):
             if float(deadline) < now:
                 continue  # the asker has given up (and answered 503): do not act late
             try:
                 result = self.on_request(verb, args)
-            except Exception as exc:  # a bad request must not stop the drain loop
+            except Exception as exc:  # a bad request must not stop the others
                 log.exception("request %r failed", verb)
                 result = [ERR, str(exc).encode()]
             replies.append([request_id, *result])
-
-    def _send_replies(self) -> None:
-        """After a drain of the ROUTER: one message of replies per asker."""
-        if not self._replies:
-            return
-        replies, self._replies = self._replies, {}
-        for identity, batch in replies.items():
-            if not batch:
-                continue
-            try:
-                send_frames(self.router, [identity, *_batch(batch)])
-            except zmq.ZMQError:
-                self.hwm_drops += 1
-        self._router_drain.kick()
+        return _batch(replies) if replies else None
 
     # ------------------------------------------------------------ supervisor
     def _on_status(self, frames: list[bytes]) -> None:

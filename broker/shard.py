@@ -520,7 +520,7 @@ class Shard:
         if self.router is None:
             return [self.stats()]
         status = {s["id"]: s for s in (self.cluster_status or {"shards": []})["shards"]}
-        peers = sorted(self.router.dealers)
+        peers = self.router.peers
 
         async def ask(peer: int) -> dict[str, Any]:
             try:
