@@ -344,6 +344,42 @@ def test_publisher_over_the_backend_stream_recovers_from_errors_and_closes():
     assert result["statuses"]["ConnectionError"] == 1
 
 
+class _AnswerInThrees(WSListener):
+    """Answers nothing until three commands are in, then all three in one
+    message: a publisher that waited for each reply would never finish."""
+
+    def __init__(self) -> None:
+        self.waiting: list[bytes] = []
+
+    def on_ws_frame(self, transport: Any, frame: Any) -> None:
+        if frame.msg_type is WSMsgType.TEXT:
+            self.waiting.append(b'{"op":"published","offset":%d}' % (len(self.waiting) + 1))
+            if len(self.waiting) == 3:
+                transport.send(WSMsgType.TEXT, b"\n".join(self.waiting))
+                self.waiting = []
+
+
+def test_stream_publisher_pipelines_its_commands_on_one_connection():
+    result: dict[str, Any] = {}
+    connections = []
+
+    async def main() -> None:
+        server = await ws_create_server(lambda request: connections.append(1) or _AnswerInThrees(),
+                                        "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        conn = Conn(("publish", 20), ("exit",))
+        stream = {**_stream(9), "http_conns": 4}  # HTTP would use 4 connections; the stream uses one
+        await asyncio.wait_for(worker._publisher(conn, [0] * worker.SLOTS, 0, {
+            "http_host": "127.0.0.1", "http_port": 1, "api_key": "k", "publish_over": "stream",
+            "stream_url": f"ws://127.0.0.1:{port}/ws", "streams": [stream]}), 30)
+        result.update(conn.reply("published"))
+        server.close()
+
+    asyncio.run(main())
+    assert (result["ok"], result["failed"]) == (9, 0) and connections == [1]
+    assert result["finals"] == {"bill:1": 3}
+
+
 def test_command_reader_thread_ends_once_the_loop_is_gone():
     import threading
 

@@ -62,7 +62,8 @@ class Channels:
 
 
 def command_replies(text: bytes | str, channels: Channels, conn: Any, subscribed: list[str]) -> list[bytes]:
-    """Replies to the client commands in one message (subscribe and ping only)."""
+    """Replies to the client commands in one message (subscribe, ping, and
+    publish: a backend may publish over a WebSocket as over HTTP)."""
     if isinstance(text, str):
         text = text.encode()
     out = []
@@ -88,6 +89,11 @@ def command_replies(text: bytes | str, channels: Channels, conn: Any, subscribed
                                "offset": offset}).encode())
         elif op == "ping":
             out.append(_dumps({**head, "op": "pong"}).encode())
+        elif op == "publish" and isinstance(cmd.get("channel"), str) and "data" in cmd:
+            # a backend publishing over its WebSocket (the load runner's --publish-over stream)
+            offset = channels.publish(cmd["channel"], cmd["data"])
+            out.append(_dumps({**head, "op": "published", "channel": cmd["channel"], "epoch": "baseline",
+                               "offset": offset}).encode())
         else:
             out.append(_dumps({**head, "op": "error", "code": 400, "message": "unsupported"}).encode())
     return out

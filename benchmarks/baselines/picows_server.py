@@ -3,8 +3,8 @@
     python benchmarks/baselines/picows_server.py --port 8801 --http-port 8802
 
 WebSocket at ws://HOST:PORT/ws (subscribe -> subscribed with the channel's
-offset; ping -> pong); publications come in on the HTTP port
-(``POST /api/publish``) and go out as one ``transport.send`` (one text frame,
+offset; ping -> pong; publish -> published); publications come in on the HTTP port
+(``POST /api/publish``) or over a WebSocket (``publish``) and go out as one ``transport.send`` (one text frame,
 one write) per subscriber.
 """
 from __future__ import annotations

@@ -3,8 +3,8 @@
     python benchmarks/baselines/websockets_server.py --port 8801 --http-port 8802
 
 WebSocket at ws://HOST:PORT/ws (subscribe -> subscribed with the channel's
-offset; ping -> pong); publications come in on the HTTP port
-(``POST /api/publish``) and go out with ``websockets.asyncio.server.broadcast``
+offset; ping -> pong; publish -> published); publications come in on the HTTP port
+(``POST /api/publish``) or over a WebSocket (``publish``) and go out with ``websockets.asyncio.server.broadcast``
 (one text frame per subscriber, the message encoded once).
 """
 from __future__ import annotations

@@ -249,12 +249,27 @@ def _streams(w: Workload, opts: RunOptions) -> list[dict[str, Any]]:
     return streams
 
 
+STREAM_BASELINES = ("picows", "websockets")  # take ``publish`` commands on their WebSocket
+
+
 def _publish_over(target: Target, opts: RunOptions) -> str:
-    """NATS takes PUBs on its client port; the other baselines have no
-    backend stream, so they keep HTTP."""
+    """NATS takes PUBs on its client port; with ``stream``, the broker
+    publishes over its backend stream and the picows and websockets
+    baselines over a WebSocket of their own (the same pipelined client);
+    Socket.IO on Node keeps HTTP."""
     if target.protocol == "nats":
         return "nats"
-    return opts.publish_over if target.name in BROKER_NATIVE else "http"
+    if target.name in BROKER_NATIVE or target.name in STREAM_BASELINES:
+        return opts.publish_over
+    return "http"
+
+
+def _stream_url(target: Target) -> str:
+    """Where the stream publisher connects: the broker's ``/api/stream``, a baseline's ``/ws``."""
+    if target.name in BROKER_NATIVE:
+        host, port = _http_parts(target.http_url)
+        return f"ws://{host}:{port}/api/stream"
+    return target.ws_url
 
 
 def run_workload(target: Target, w: Workload, opts: RunOptions) -> dict[str, Any]:
@@ -292,7 +307,8 @@ def run_workload(target: Target, w: Workload, opts: RunOptions) -> dict[str, Any
             workers.publisher = workers.start(
                 publisher_main, {"http_host": host, "http_port": port, "api_key": opts.api_key,
                                  "streams": streams, "budget": budget,
-                                 "publish_over": _publish_over(target, opts)},
+                                 "publish_over": _publish_over(target, opts),
+                                 "stream_url": _stream_url(target)},
                 n_workers)
         for _, pipe in workers.all:
             workers.pids.append(_expect(pipe, "ready", 60))

@@ -23,6 +23,8 @@ even if the parent dies.
 from __future__ import annotations
 
 import asyncio
+import collections
+import functools
 import json
 import os
 import random
@@ -52,6 +54,7 @@ SLOT_CONNECTED, SLOT_FAILED, SLOT_RECEIVED, SLOT_DISCONNECTS, SLOT_PUBLISHED, SL
 SLOTS = 6
 
 FANOUT_CHANNEL = "bill:1"
+STREAM_IN_FLIGHT = 1000  # pipelined stream commands awaiting their reply, at most
 _PAD = "x" * 150   # data is ~200 bytes: {"ts":<16-19 digits>,"seq":N,"pad":"xxx..."}
 _PAD_BYTES = _PAD.encode()
 
@@ -650,13 +653,15 @@ class _HttpConnection(asyncio.Protocol):
 
 
 class _BackendStream(WSListener):
-    """The broker's backend stream (``GET /api/stream``) as a publisher's
-    connection: one command in flight, like a keep-alive HTTP connection,
-    so the two ways of publishing are compared at the same concurrency."""
+    """A backend's publishing WebSocket: the broker's backend stream
+    (``GET /api/stream``) or a baseline's ``publish`` command. Pipelined,
+    as ``AsyncPublisher(stream=True)`` is: each publication is sent when it
+    is due, without waiting for the replies before it (answered in command
+    order, matched first in, first out)."""
 
     def __init__(self) -> None:
         self.transport: Any = None
-        self.waiter: asyncio.Future[tuple[int, bytes]] | None = None
+        self.waiters: collections.deque[asyncio.Future[tuple[int, bytes]]] = collections.deque()
         self.closed = False
 
     def on_ws_connected(self, transport: Any) -> None:
@@ -669,23 +674,27 @@ class _BackendStream(WSListener):
             return
         if frame.msg_type is not WSMsgType.TEXT:
             return
-        payload = frame.get_payload_as_bytes()
-        # a "published" reply answers like a 200 from /api/publish
-        status = 200 if b'"op":"published"' in payload else 503
-        waiter, self.waiter = self.waiter, None
-        if waiter is not None and not waiter.done():
-            waiter.set_result((status, payload))
+        for payload in frame.get_payload_as_bytes().split(b"\n"):
+            if not payload.strip() or not self.waiters:
+                continue
+            # a "published" reply answers like a 200 from /api/publish
+            status = 200 if b'"op":"published"' in payload else 503
+            waiter = self.waiters.popleft()
+            if not waiter.done():
+                waiter.set_result((status, payload))
 
     def on_ws_disconnected(self, transport: Any) -> None:
         self.closed = True
-        waiter, self.waiter = self.waiter, None
-        if waiter is not None and not waiter.done():
-            waiter.set_exception(ConnectionError("backend stream closed"))
+        while self.waiters:
+            waiter = self.waiters.popleft()
+            if not waiter.done():
+                waiter.set_exception(ConnectionError("backend stream closed"))
 
     def request(self, body: bytes) -> asyncio.Future[tuple[int, bytes]]:
-        self.waiter = asyncio.get_running_loop().create_future()
+        waiter: asyncio.Future[tuple[int, bytes]] = asyncio.get_running_loop().create_future()
+        self.waiters.append(waiter)
         self.transport.send(WSMsgType.TEXT, b'{"op":"publish",' + body[1:])
-        return self.waiter
+        return waiter
 
 
 class _Stream:
@@ -732,14 +741,43 @@ async def _publisher(conn: Any, progress: Any, base: int, params: dict[str, Any]
         if over_stream:
             from picows import ws_connect
 
-            _, listener = await ws_connect(_BackendStream, f"ws://{host}:{port}/api/stream",
+            url = params.get("stream_url") or f"ws://{host}:{port}/api/stream"
+            _, listener = await ws_connect(_BackendStream, url,
                                            extra_headers={"Authorization": f"apikey {api_key}"})
             return listener
         _, proto = await loop.create_connection(_HttpConnection, host, port)
         return proto
 
+    def settle(channel: str, status: int, reply: bytes) -> None:
+        if status != 200:
+            state["failed"] += 1
+            statuses[f"{status} {reply[:60].decode('utf-8', 'replace')}"] += 1
+            return
+        state["ok"] += 1
+        try:
+            offset = int(json.loads(reply)["offset"])
+        except (ValueError, KeyError, TypeError):
+            statuses["200 without offset"] += 1
+            return
+        if offset > finals.get(channel, 0):
+            finals[channel] = offset
+
+    def fail(exc: BaseException) -> None:
+        state["failed"] += 1
+        statuses[type(exc).__name__] += 1
+
+    def settled(channel: str, future: asyncio.Future[tuple[int, bytes]]) -> None:
+        """A pipelined stream command's reply (or its stream's end)."""
+        if future.cancelled():
+            fail(asyncio.CancelledError())
+        elif future.exception() is not None:
+            fail(future.exception())  # type: ignore[arg-type]
+        else:
+            settle(channel, *future.result())
+
     async def run_conn(stream: _Stream, t0: float, deadline: float) -> None:
         client: Any = None
+        in_flight: set[asyncio.Future[tuple[int, bytes]]] = set()
         if stream.seconds is not None:
             deadline = min(deadline, t0 + stream.seconds)
         while stream.next < stream.total and time.monotonic() < deadline:
@@ -753,11 +791,17 @@ async def _publisher(conn: Any, progress: Any, base: int, params: dict[str, Any]
                 if client is None or client.closed:
                     client = await asyncio.wait_for(connect(), 10)
                 body = publication_body(channel, seq, _monotonic_ns())
-                request = body if over_stream else head % len(body) + body
-                status, reply = await asyncio.wait_for(client.request(request), 10)
+                if over_stream:
+                    future = client.request(body)
+                    in_flight.add(future)
+                    future.add_done_callback(in_flight.discard)
+                    future.add_done_callback(functools.partial(settled, channel))
+                    if len(in_flight) >= STREAM_IN_FLIGHT:  # a bound, as a backend's would be
+                        await asyncio.wait_for(asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED), 10)
+                    continue
+                status, reply = await asyncio.wait_for(client.request(head % len(body) + body), 10)
             except Exception as exc:
-                state["failed"] += 1
-                statuses[type(exc).__name__] += 1
+                fail(exc)
                 if client is not None and client.transport is not None:
                     if over_stream:
                         client.transport.disconnect(False)
@@ -766,18 +810,11 @@ async def _publisher(conn: Any, progress: Any, base: int, params: dict[str, Any]
                 client = None
                 await asyncio.sleep(0.05)
                 continue
-            if status == 200:
-                state["ok"] += 1
-                try:
-                    offset = int(json.loads(reply)["offset"])
-                except (ValueError, KeyError, TypeError):
-                    statuses["200 without offset"] += 1
-                    continue
-                if offset > finals.get(channel, 0):
-                    finals[channel] = offset
-            else:
-                state["failed"] += 1
-                statuses[f"{status} {reply[:60].decode('utf-8', 'replace')}"] += 1
+            settle(channel, status, reply)
+        if in_flight:
+            await asyncio.wait(in_flight, timeout=10)
+            for future in list(in_flight):
+                future.cancel()  # no reply in 10 s: counted as failed
         if client is not None and client.transport is not None:
             if over_stream:
                 client.transport.send_close()
@@ -799,7 +836,8 @@ async def _publisher(conn: Any, progress: Any, base: int, params: dict[str, Any]
                     await publish_streams(streams, host, port, t0, deadline, state, finals, statuses)
                 else:
                     await asyncio.gather(*(run_conn(s, t0, deadline)
-                                           for s in streams for _ in range(s.http_conns)))
+                                           for s in streams
+                                           for _ in range(1 if over_stream else s.http_conns)))
                 t1 = time.monotonic()
                 progress[base + SLOT_PUBLISHED] = state["ok"]
                 conn.send(("published", {"ok": state["ok"], "failed": state["failed"], "start": t0, "end": t1,

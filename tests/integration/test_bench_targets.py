@@ -108,3 +108,21 @@ def test_nats_takes_a_connect_storm_without_a_publisher(tmp_path):
         target.stop()
     assert record["errors"] == [] and record["connections"] == 40 and record["connect_rate"] > 0
     assert record["publications"] is None and record["peak_rss_bytes"] > 0
+
+
+@pytest.mark.parametrize("kind", ["broker", "picows"])
+def test_publishing_over_one_pipelined_websocket_reaches_every_user(tmp_path, broker, kind):
+    """``--publish-over stream``: the broker's backend stream, or the
+    baseline's own WebSocket with ``publish`` commands; one connection,
+    commands sent when due without waiting for earlier replies."""
+    target = (attach(broker.url, None, None) if kind == "broker"
+              else spawn_baseline("picows", log_path=str(tmp_path / "picows.log")))
+    try:
+        record = run_workload(target, workload("w2", connections=40, rate=400, duration=1),
+                              RunOptions(workers=1, api_key=broker.api_key, jwt_secret=broker.jwt_secret,
+                                         drain_timeout=5, progress=None, publish_over="stream"))
+    finally:
+        target.stop()
+    assert record["errors"] == [] and record["publications"] == 400 and record["publications_failed"] == 0
+    assert record["deliveries_expected"] == record["deliveries_received"] == 400
+    assert record["offset_gaps"] == record["offsets_missing"] == record["duplicates"] == 0
