@@ -71,7 +71,9 @@ def _split_targets(value: str | None, compare: bool, redis: bool = False) -> lis
 @click.option("--deflate", is_flag=True,
               help="Receivers offer permessage-deflate (client_max_window_bits), as browsers do.")
 @click.option("--publish-over", type=click.Choice(["http", "stream"]), default="http", show_default=True,
-              help="How the broker's publisher sends: one POST per publication, or the backend stream.")
+              help="How publications are sent: one POST per publication (keep-alive connections, one "
+                   "in flight each), or over ONE pipelined WebSocket: the broker's backend stream, the "
+                   "picows and websockets baselines' own /ws (Node Socket.IO keeps HTTP).")
 @click.option("--redis", "redis_opt", is_flag=False, flag_value="spawn", metavar="[URL]",
               help="Also run the broker on the Redis engine (target broker-redis; needs --spawn): on a "
                    "redis-server the run starts on a free port, or on the Redis at URL; prints the "
