@@ -9,7 +9,7 @@ import asyncio
 from typing import Any
 from collections.abc import Callable, Coroutine
 
-__all__ = ["start"]
+__all__ = ["start", "begin"]
 
 Done = Callable[[Any, BaseException | None], None]
 
@@ -47,3 +47,22 @@ def start(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, Any], done:
     task = loop.create_task(_finish(coro, yielded))
     task.add_done_callback(lambda t: done(None, t.exception()) if t.exception() else done(t.result(), None))
     return False
+
+
+def begin(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, Any]) -> asyncio.Future[Any]:
+    """``coro``'s first step now, the rest as ``start`` runs it: a future of
+    its outcome. Where ``asyncio.gather`` would make a Task per coroutine
+    (first step on the next loop turn), work queued by those first steps
+    (a request to a home shard, a Redis call) keeps the order of the calls."""
+    future: asyncio.Future[Any] = loop.create_future()
+
+    def done(result: Any, error: BaseException | None) -> None:
+        if future.done():
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+
+    start(loop, coro, done)
+    return future

@@ -91,12 +91,16 @@ class WebSocketSession(Session):
     def bad_command(self, command_id: int | None, exc: ProtocolViolation) -> None:
         """Answer a bad command; too many in the window close with 1008."""
         self.host.bad_commands += 1
-        self.host.queue(self, error_line(command_id, exc.code, exc.message))
+        self.answer(error_line(command_id, exc.code, exc.message))
         if self._budget is None:
             limits = self.host.config.limits
             self._budget = BadCommandBudget(limits.bad_command_budget, limits.bad_command_window)
         if self._budget.spend(time.monotonic()):
             self.close(1008, "too many bad commands")
+
+    def answer(self, line: bytes) -> None:
+        """Send a reply line (a session that answers out of turn orders them)."""
+        self.host.queue(self, line)
 
     # ------------------------------------------------- events from the shard
     def stream_lost(self, channel: str, reason: str) -> None:

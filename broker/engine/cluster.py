@@ -22,6 +22,7 @@ import zlib
 from typing import Any
 from collections.abc import Callable
 
+from .. import eager
 from ..config import Config
 from ..router import ERR, OK, Router
 from .base import DeliverFn, Engine, Position, Recovery
@@ -136,7 +137,10 @@ class ClusterEngine(Engine):
                 positions[i] = Position(reply[2 * n].decode(), int(reply[2 * n + 1]))
 
         if by_home:
-            await asyncio.gather(*(remote(home, indices) for home, indices in by_home.items()))
+            # Each home's request is queued now, in call order (a pipelined
+            # stream's next command may publish to one of these channels).
+            loop = asyncio.get_running_loop()
+            await asyncio.gather(*(eager.begin(loop, remote(home, indices)) for home, indices in by_home.items()))
         return positions  # type: ignore[return-value]  # every index was filled
 
     async def position(self, channel: str) -> Position:

@@ -26,6 +26,7 @@ import zlib
 from typing import Any
 from collections.abc import Callable
 
+from .. import eager
 from ..config import Config
 from .base import DeliverFn, Engine, Position, Recovery
 from .redis_pubsub import Links
@@ -132,7 +133,9 @@ class RedisEngine(Engine):
     async def publish_many(self, items: list[tuple[str, bytes]]) -> list[Position]:
         """Every item in one pipelined write: the store batches the calls of
         one loop turn, and it sends them in call order (so per channel too)."""
-        return list(await asyncio.gather(*(self.publish(channel, data) for channel, data in items)))
+        loop = self.loop
+        return list(await asyncio.gather(*(eager.begin(loop, self.publish(channel, data))
+                                           for channel, data in items)))
 
     async def position(self, channel: str) -> Position:
         return await self.streams.position(channel)

@@ -97,6 +97,36 @@ def test_stream_on_two_shards_reaches_every_home(broker_factory):
     assert sum(s["published"] for s in stats["shards"]) == len(channels)
 
 
+def test_pipelined_commands_on_two_shards_keep_each_channels_order(broker_factory):
+    """Commands run concurrently (one homed on the other shard no longer
+    holds up those behind it), so order is the thing to check: replies in
+    command order, and a channel's offsets in the order its commands came,
+    whether the channel is homed here or on the other shard, published
+    alone or in a broadcast, in one message or across messages."""
+    broker = broker_factory("--shards", "2", "--allow-anonymous")
+    channels = [f"user:{i}" for i in range(8)]  # homes on both shards
+    commands = []
+    for round_ in range(30):
+        for i, channel in enumerate(channels):
+            if (round_ + i) % 5 == 0:
+                commands.append({"op": "broadcast", "channels": [channel, channels[(i + 3) % 8]], "data": round_})
+            else:
+                commands.append({"op": "publish", "channel": channel, "data": round_})
+    for n, command in enumerate(commands):
+        command["id"] = n
+    with open_stream(broker) as ws:
+        for start in range(0, len(commands), 37):  # messages of 37 commands, sent without waiting
+            ws.send("\n".join(json.dumps(c) for c in commands[start:start + 37]))
+        got = replies(ws, len(commands))
+    assert [r["id"] for r in got] == list(range(len(commands)))
+    offsets: dict[str, list[int]] = {}
+    for reply in got:
+        assert reply["op"] in ("published", "broadcasted"), reply
+        for result in reply.get("results", [reply]):
+            offsets.setdefault(result["channel"], []).append(result["offset"])
+    assert offsets == {channel: list(range(1, len(offsets[channel]) + 1)) for channel in channels}
+
+
 def test_publisher_over_the_stream(broker):
     from broker import Publisher
     from broker.errors import PublishError
