@@ -1,4 +1,4 @@
-"""broker.eager: inline when a coroutine does not suspend, a task when it does."""
+"""broker.eager: inline when a coroutine does not suspend, stepped on from future callbacks when it does."""
 import asyncio
 
 import pytest
@@ -35,7 +35,7 @@ def test_inline_when_it_never_suspends():
     assert inline is True and result == 7 and error is None
 
 
-def test_finished_in_a_task_when_it_suspends():
+def test_finished_later_when_it_suspends():
     inline, (result, error) = run(lambda: suspends("late"))
     assert inline is False and result == "late" and error is None
 
@@ -68,3 +68,21 @@ def test_an_error_before_any_suspension_is_reported_inline():
 def test_a_failed_future_is_seen_by_the_coroutine_that_awaited_it():
     inline, (result, error) = run(catches_a_failed_future)
     assert inline is False and result == "caught" and error is None
+
+
+async def waits_on(future):
+    return await future
+
+
+def test_a_suspended_coroutine_makes_no_task_and_sees_a_cancelled_future():
+    async def main():
+        loop = asyncio.get_running_loop()
+        future, done = loop.create_future(), loop.create_future()
+        tasks_before = len(asyncio.all_tasks())
+        inline = eager.start(loop, waits_on(future), lambda r, e: done.set_result((r, e)))
+        assert inline is False and len(asyncio.all_tasks()) == tasks_before
+        future.cancel()
+        return await done
+
+    result, error = asyncio.run(main())
+    assert result is None and isinstance(error, asyncio.CancelledError)
