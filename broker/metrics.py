@@ -91,12 +91,16 @@ _SERIES = (
      "Pipelined round trips to Redis (calls / batches = the batching factor)."),
     ("engine.redis_compressed", "broker_redis_compressed", "counter",
      "Payloads sent through Redis compressed."),
+    ("gc_full_collections", "broker_gc_full_collections", "counter",
+     "Full (generation 2) garbage collections of the shard process."),
 )
 
 _HISTOGRAMS = (
     ("batch_lines", "broker_batch_lines", "Lines (messages) per WebSocket frame written."),
     ("flush_latency", "broker_publish_to_flush_seconds",
      "Age of the oldest queued publication at each flush pass."),
+    ("gc_pauses", "broker_gc_pause_seconds",
+     "Pause of each garbage collection of the shard process (start-up objects are frozen)."),
 )
 
 

@@ -39,6 +39,7 @@ from .connection import Connection, WebSocketEndpoint
 from .engine import Engine, MemoryEngine, Position
 from .errors import EngineUnavailable, Overloaded, ProtocolViolation
 from .httpmsg import Request, Response, error_response
+from .gcpause import GcPauses
 from .metrics import PowerHistogram
 from .watch import Watch
 
@@ -102,6 +103,7 @@ class Shard:
         self.http_requests = 0
         self.http_errors = 0     # 5xx other than 503: a deploy's first wave watches it
         self.flush_latency = PowerHistogram(size=22, unit=1e-6)  # microsecond buckets up to ~2 s
+        self.gc_pauses: GcPauses | None = None  # a worker process's collector (not an embedded shard's)
         self._oldest_pending: float | None = None
         self._sweeper: asyncio.TimerHandle | None = self.loop.call_later(
             config.cluster.sweep_interval, self._sweep)
@@ -571,4 +573,6 @@ class Shard:
             "batch_lines": PowerHistogram.from_counts(self.outbound.batch_histogram(),
                                                       self.outbound.lines_written),
             "flush_latency": self.flush_latency.snapshot(),
+            **({"gc_pauses": self.gc_pauses.histogram.snapshot(),
+                "gc_full_collections": self.gc_pauses.full_collections} if self.gc_pauses else {}),
         }

@@ -1,6 +1,7 @@
 """The server API (PROTOCOL.md §3) through real HTTP requests."""
 import http.client
 import json
+import re
 
 import pytest
 
@@ -94,6 +95,10 @@ def test_health_ready_metrics(broker):
     assert status == 200
     assert 'broker_publications_total{shard="0"} 1.0' in text
     assert "broker_connections{" in text and "broker_rss_bytes{" in text
+    # the shard's garbage collector: start-up objects frozen, every pause timed
+    assert 'broker_gc_full_collections_total{shard="0"}' in text
+    pauses = re.search(r'broker_gc_pause_seconds_count\{shard="0"\} (\S+)', text)
+    assert pauses is not None and float(pauses.group(1)) > 0  # at least start-up's collection
 
 
 def test_keep_alive_serves_many_requests_on_one_connection(broker):
