@@ -45,6 +45,7 @@ HISTORY_UNDER_PRESSURE = 0.25
 # unsent bytes this long: a reader whose socket a burst filled drains it as
 # soon as the loop turns; one that does not read stays held.
 HELD_FOR = 0.05
+OVER_BUDGET_HELD_FOR = 0.01
 
 # Descriptors kept free for plain HTTP (/healthz, /readyz, the API), the
 # journal, ZeroMQ and the handoffs, whatever the WebSockets take.
@@ -256,7 +257,11 @@ class Watch:
         closed at once: a client that does not read would hold them until
         the close grace ends."""
         shard = self.shard
-        loaded = [(shard.pending_bytes(s), s) for s in shard.held_back(HELD_FOR)]
+        degradation = self.degradation
+        # Over the budget itself, a non-reader grows RSS by its share of
+        # every publication while it waits to qualify: qualify sooner.
+        held_for = HELD_FOR if degradation.rss < degradation.budget else OVER_BUDGET_HELD_FOR
+        loaded = [(shard.pending_bytes(s), s) for s in shard.held_back(held_for)]
         if not loaded:
             return 0
         loaded.sort(key=lambda item: item[0], reverse=True)
@@ -264,7 +269,6 @@ class Watch:
         # only those holding a quarter of the heaviest's bytes are candidates.
         floor = loaded[0][0] // 4
         loaded = [(n, s) for n, s in loaded if n >= floor]
-        degradation = self.degradation
         excess = degradation.rss - degradation.thresholds.level2 * degradation.budget
         at_least = max(1, len(loaded) // 10)
         freed = cut = 0
