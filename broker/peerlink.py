@@ -130,17 +130,21 @@ class _Link(asyncio.Protocol):
 
 class PeerLinks:
     """This shard's end of the request links: a listener for the peers'
-    requests and one outgoing connection per peer, made on first use.
+    requests and one outgoing connection per peer, made at once and again
+    on use after a failure.
 
     ``serve(frames)`` answers a request message with the reply message
-    (None: no reply); ``on_reply(frames)`` receives the peers' replies."""
+    (None: no reply); ``on_reply(frames)`` receives the peers' replies;
+    ``on_connected(peer)`` says a connection to ``peer`` is up."""
 
     def __init__(self, shard_id: int, addresses: list[str], loop: asyncio.AbstractEventLoop,
                  serve: Callable[[list[bytes]], list[bytes] | None],
-                 on_reply: Callable[[list[bytes]], None]) -> None:
+                 on_reply: Callable[[list[bytes]], None],
+                 on_connected: Callable[[int], None] = lambda peer: None) -> None:
         self.loop = loop
         self.serve = serve
         self.on_reply = on_reply
+        self.on_connected = on_connected
         self.addresses = {peer: address for peer, address in enumerate(addresses) if peer != shard_id}
         self._listener = listen(addresses[shard_id])
         self._accepted: set[_Link] = set()
@@ -149,6 +153,8 @@ class PeerLinks:
         self._links: dict[int, _Link] = {}
         self._connecting: dict[int, asyncio.Task[None]] = {}
         self._closed = False
+        for peer in self.addresses:  # ahead of the first request; one that fails is retried on use
+            self._connecting[peer] = loop.create_task(self._connect(peer))
 
     @property
     def peers(self) -> list[int]:
@@ -203,6 +209,7 @@ class PeerLinks:
                 link.transport.close()
             elif not self._closed:
                 self._links[peer] = link
+                self.on_connected(peer)  # what waits for this peer goes now, not at the next retry
         except OSError as exc:
             log.debug("peer %d not reachable yet: %s", peer, exc)
             await asyncio.sleep(RECONNECT_DELAY)  # the next send tries again, not sooner

@@ -211,7 +211,7 @@ class Router:
                 self.sub.connect(address)
         # Requests and their answers go over plain stream sockets the loop
         # reads itself (broker.peerlink): never dropped, no ZeroMQ thread.
-        self.links = PeerLinks(shard_id, endpoints.req, loop, self._serve, self._on_reply)
+        self.links = PeerLinks(shard_id, endpoints.req, loop, self._serve, self._on_reply, self._peer_connected)
         self.status = self._socket(zmq.SUB, 100)
         self.status.setsockopt(zmq.SUBSCRIBE, b"")
         self.status.connect(endpoints.status)
@@ -438,6 +438,13 @@ class Router:
                 retry = True
         if retry and self._send_handle is None:
             self._send_handle = self.loop.call_later(UNREACHABLE_RETRY, self._send_requests)
+
+    def _peer_connected(self, peer: int) -> None:
+        """Requests that found no connection to ``peer`` go now, not at the next retry."""
+        if self._outbox.get(peer):
+            if self._send_handle is not None:
+                self._send_handle.cancel()
+            self._send_handle = self.loop.call_soon(self._send_requests)
 
     def _on_reply(self, frames: list[bytes]) -> None:
         for reply in _unbatch(frames):

@@ -77,6 +77,30 @@ def test_requests_reach_the_peer_and_answers_come_back_in_order(tmp_path, kind):
     asyncio.run(main())
 
 
+def test_a_link_to_a_listening_peer_is_made_before_the_first_request(tmp_path):
+    """The links are made at start (and after a failure, on use): the first
+    request to a peer never waits for a retry timer, and the owner hears of
+    each connection so what waits for it can go at once."""
+    addresses = _addresses(tmp_path, "ipc")
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        answerer = PeerLinks(1, addresses, loop, serve=lambda frames: [b"ok"], on_reply=lambda frames: None)
+        connected: list[int] = []
+        replies: list[list[bytes]] = []
+        asker = PeerLinks(0, addresses, loop, serve=lambda frames: None, on_reply=replies.append,
+                          on_connected=connected.append)
+        try:
+            await _until(lambda: connected == [1], seconds=1.0)
+            assert asker.send(1, [b"first"]) is True  # no request was needed to open it
+            await _until(lambda: replies == [[b"ok"]], seconds=1.0)
+        finally:
+            asker.close()
+            answerer.close()
+
+    asyncio.run(main())
+
+
 def test_a_restarted_peer_is_reached_again(tmp_path):
     addresses = _addresses(tmp_path, "ipc")
 
