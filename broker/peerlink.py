@@ -26,7 +26,7 @@ import struct
 from collections.abc import Callable
 from typing import cast
 
-__all__ = ["PeerLinks", "encode", "Decoder", "listen", "RECONNECT_DELAY"]
+__all__ = ["PeerLinks", "encode", "Decoder", "listen", "parse_address", "RECONNECT_DELAY"]
 
 log = logging.getLogger("broker.peerlink")
 
@@ -75,24 +75,31 @@ class Decoder:
         return messages
 
 
+def parse_address(address: str) -> str | tuple[str, int]:
+    """``ipc://PATH`` → PATH (a Unix socket); ``tcp://HOST:PORT`` → (HOST, PORT)."""
+    kind, _, where = address.partition("://")
+    if kind == "ipc":
+        return where
+    if kind == "tcp":
+        host, _, port = where.rpartition(":")
+        return host, int(port)
+    raise ValueError(f"unsupported peer address {address!r} (ipc:// or tcp://)")
+
+
 def listen(address: str) -> socket.socket:
     """A listening socket at ``address`` (a stale Unix socket file, left by a
     shard that died, is replaced)."""
-    kind, _, where = address.partition("://")
-    if kind == "ipc":
+    where = parse_address(address)
+    if isinstance(where, str):
         try:
             os.unlink(where)
         except FileNotFoundError:
             pass
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.bind(where)
-    elif kind == "tcp":
-        host, _, port = where.rpartition(":")
+    else:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, int(port)))
-    else:
-        raise ValueError(f"unsupported peer address {address!r} (ipc:// or tcp://)")
+    sock.bind(where)
     sock.listen(64)
     sock.setblocking(False)
     return sock
@@ -191,20 +198,17 @@ class PeerLinks:
         return False
 
     async def _connect(self, peer: int) -> None:
-        kind, _, where = self.addresses[peer].partition("://")
+        where = parse_address(self.addresses[peer])
 
         def lost(link: _Link) -> None:
             if self._links.get(peer) is link:
                 del self._links[peer]
 
         try:
-            if kind == "ipc":
-                _, link = await self.loop.create_unix_connection(
-                    lambda: _Link(self._on_reply, lost), where)
+            if isinstance(where, str):
+                _, link = await self.loop.create_unix_connection(lambda: _Link(self._on_reply, lost), where)
             else:
-                host, _, port = where.rpartition(":")
-                _, link = await self.loop.create_connection(
-                    lambda: _Link(self._on_reply, lost), host, int(port))
+                _, link = await self.loop.create_connection(lambda: _Link(self._on_reply, lost), *where)
             if self._closed and link.transport is not None:
                 link.transport.close()
             elif not self._closed:
