@@ -34,7 +34,8 @@ class _Steps:
             yielded._asyncio_future_blocking = False  # taken over, as Task.__step does
             yielded.add_done_callback(self.step)
 
-    def step(self, _: object = None) -> None:
+    def step(self, _: object = None) -> bool:
+        """Run the coroutine to its next suspension; True when it ended."""
         try:
             yielded = self.coro.send(None)
         except StopIteration as stop:
@@ -43,21 +44,14 @@ class _Steps:
             self.done(None, exc)
         else:
             self.wait(yielded)
+            return False
+        return True
 
 
 def start(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, Any], done: Done) -> bool:
     """Run ``coro``; call ``done(result, error)`` when it ends. Returns True
     when it finished inline (``done`` has been called already)."""
-    try:
-        yielded = coro.send(None)
-    except StopIteration as stop:
-        done(stop.value, None)
-        return True
-    except Exception as exc:  # handlers report their own errors; this is a bug
-        done(None, exc)
-        return True
-    _Steps(loop, coro, done).wait(yielded)
-    return False
+    return _Steps(loop, coro, done).step()
 
 
 def begin(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, Any]) -> asyncio.Future[Any]:

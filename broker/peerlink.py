@@ -10,8 +10,8 @@ loopback TCP) stream read by the event loop itself carries them: one write
 by the sender, one wake-up and one read by the receiver.
 
 Each shard listens at its ``req`` endpoint (``ipc://PATH`` is a Unix socket
-at PATH, ``tcp://HOST:PORT`` a TCP port) and connects to each peer's when
-it first has something to ask. A message is a list of byte frames:
+at PATH, ``tcp://HOST:PORT`` a TCP port) and connects to each peer's at
+start, and again on use after a failure. A message is a list of byte frames:
 ``!II`` (bytes after the first field, frame count), the frames' lengths
 (``!I`` each), then the frames. Replies go back on the connection the
 request came in on, in order.

@@ -37,7 +37,7 @@ from collections.abc import Callable
 import zmq
 
 from .errors import EngineUnavailable
-from .peerlink import PeerLinks
+from .peerlink import RECONNECT_DELAY, PeerLinks
 
 __all__ = ["Endpoints", "Router", "Drain", "topic_of", "SYNC"]
 
@@ -165,7 +165,7 @@ class Drain:
             pass
 
 
-UNREACHABLE_RETRY = 0.05  # seconds between tries to send requests to a peer that is not connected
+UNREACHABLE_RETRY = RECONNECT_DELAY  # seconds between tries to send requests to a peer that is not connected
 RESEND_DELAY = 0.005  # seconds before publications that met a full pipe are tried again
 BACKLOG_LIMIT = 100000  # publications waiting for a full pipe before they are dropped (and repaired)
 

@@ -38,8 +38,8 @@ from .config import Config
 from .connection import Connection, WebSocketEndpoint
 from .engine import Engine, MemoryEngine, Position
 from .errors import EngineUnavailable, Overloaded, ProtocolViolation
-from .httpmsg import Request, Response, error_response
 from .gcpause import GcPauses
+from .httpmsg import Request, Response, error_response
 from .metrics import PowerHistogram
 from .watch import Watch
 

@@ -20,13 +20,13 @@ from .adapters.socketio.handoff import Handoff
 from .adapters.socketio.session import PATH as SOCKETIO_PATH
 from .adapters.socketio.session import SocketIOEndpoint
 from .config import Config
-from .gcpause import GcPauses, freeze
 from .engine.base import Engine
 from .engine.cluster import ClusterEngine
 from .engine.journal import Journal
 from .engine.memory import MemoryEngine
 from .engine.redis import RedisEngine, shard_presence
 from .fdlimit import log_capacity, raise_nofile_limit
+from .gcpause import GcPauses, freeze
 from .handover import import_state, is_fresh, journal_path
 from .router import Endpoints, Router
 from .runtime import configure_logging, new_loop

@@ -14,7 +14,6 @@ import logging
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from ... import eager
-
 from ...auth import Identity, check_api_key
 from ...config import Config
 from ...errors import EngineUnavailable, ProtocolViolation
